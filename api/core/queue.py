@@ -1,0 +1,65 @@
+"""The Celery application shared by publisher (API) and consumer (worker); tasks are sent by name only.
+
+The settings follow the spec for long GPU tasks (reliability.md 1.4): late acks, reject on worker lost
+(bounded by the job's attempt cap in the database), prefetch 1, a visibility timeout longer than the
+longest job, hard and soft time limits, training on its own queue, no result backend (the database holds
+job state).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+from kombu import Queue
+
+from api.core.settings import Settings, get_settings
+
+SYNTHESIZE_TASK = "msgldm.synthesize"
+
+
+class BrokerUnavailable(ConnectionError):
+    """The task could not be published: the broker is down or refused it."""
+
+
+def make_celery(settings: Settings) -> Celery:
+    broker = settings.broker
+    # The SQLAlchemy transport hands every transport option to create_engine(), so it gets none; it has no
+    # visibility timeout either (an unacked message dies with its worker): the job reaper re-publishes.
+    transport_options = {} if broker.url.startswith("sqla+") else {"visibility_timeout": broker.visibility_timeout}
+    app = Celery("msgldm", broker=broker.url, set_as_current=False)
+    app.conf.update(
+        task_default_queue=broker.inference_queue,
+        task_queues=[Queue(broker.inference_queue), Queue(broker.training_queue)],
+        task_routes={SYNTHESIZE_TASK: {"queue": broker.inference_queue}},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_soft_time_limit=settings.jobs.soft_time_limit_seconds,
+        task_time_limit=settings.jobs.time_limit_seconds,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        broker_pool_limit=4,
+    )
+    return app
+
+
+@lru_cache
+def get_celery() -> Celery:
+    return make_celery(get_settings())
+
+
+def publish_synthesis(job_id: str) -> None:
+    """Publish the synthesis task for a committed job row; the message carries only the job id."""
+    try:
+        get_celery().send_task(SYNTHESIZE_TASK, args=[job_id], retry=True,
+                               retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+    except Exception as exc:  # kombu raises OperationalError and friends; all mean "not published"
+        raise BrokerUnavailable(f"could not publish job {job_id}: {type(exc).__name__}") from exc

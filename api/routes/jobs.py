@@ -1,0 +1,125 @@
+"""Jobs: status, listing, results, cancel, retry."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from api.auth import KeyDep, require
+from api.core import jobs as job_states
+from api.core.jobs import JobNotFound
+from api.core.models import ApiKey, Job, JobStatus, Role
+from api.core.queue import publish_synthesis
+from api.deps import SessionDep, StorageDep
+from api.errors import ProblemError
+from api.schemas import JOB_EXAMPLE, PROBLEM_RESPONSES, JobError, JobList, JobPublic, Problem
+
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+NOT_FOUND = {404: {"model": Problem, "description": "no such job (or not yours)"}}
+MEDIA_TYPES = {".nii.gz": "application/gzip", ".json": "application/json", ".zip": "application/zip",
+               ".png": "image/png", ".html": "text/html"}
+
+
+def visible_job(session: Session, key: ApiKey, job_id: str) -> Job:
+    """The job, if this key may see it: integrators see their own jobs only (others are 404, not 403)."""
+    job = session.get(Job, job_id)
+    if job is None or (key.role == Role.integrator and job.owner_id != key.id):
+        raise JobNotFound(f"no job {job_id}")
+    return job
+
+
+def to_public(session: Session, job: Job) -> JobPublic:
+    base = f"/api/v1/jobs/{job.id}"
+    return JobPublic(
+        id=job.id, status=job.status, phase=job.phase, progress=job.progress,
+        queue_position=job_states.queue_position(session, job), attempts=job.attempts,
+        model_version=job.model_version, targets=job.targets, inputs=list(job.inputs), formats=job.formats,
+        steps=job.steps, seed=job.seed, samples=job.samples, created_at=job.created_at, started_at=job.started_at,
+        finished_at=job.finished_at,
+        error=JobError(code=job.error_code, message=job.error_message or "")
+        if job.status == JobStatus.failed and job.error_code else None,
+        results={name: f"{base}/results/{name}" for name in job.results},
+    )
+
+
+def _encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(json.dumps([job.created_at.isoformat(), job.id]).encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return datetime.fromisoformat(created), str(job_id)
+    except (ValueError, TypeError) as exc:
+        raise ProblemError(422, "invalid_cursor", "the cursor is not one this API returned") from exc
+
+
+@router.get("", response_model=JobList, responses=PROBLEM_RESPONSES)
+def list_jobs(session: SessionDep, key: KeyDep,
+              status: Annotated[JobStatus | None, Query(description="only jobs in this state")] = None,
+              limit: Annotated[int, Query(ge=1, le=200)] = 50,
+              cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None) -> JobList:
+    """Jobs, newest first; integrators see their own."""
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    if key.role == Role.integrator:
+        query = query.where(Job.owner_id == key.id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if cursor:
+        created, job_id = _decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+    rows = session.execute(query).scalars().all()
+    page = rows[:limit]
+    return JobList(items=[to_public(session, j) for j in page],
+                   next_cursor=_encode_cursor(page[-1]) if len(rows) > limit else None)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses={**PROBLEM_RESPONSES, **NOT_FOUND},
+            openapi_extra={"responses": {"200": {"content": {"application/json": {"example": JOB_EXAMPLE}}}}})
+def get_job(job_id: str, session: SessionDep, key: KeyDep) -> JobPublic:
+    """A job's state, progress, queue position and result links."""
+    return to_public(session, visible_job(session, key, job_id))
+
+
+@router.get("/{job_id}/results/{name}", responses={
+    **PROBLEM_RESPONSES, **NOT_FOUND,
+    200: {"content": {"application/gzip": {}, "application/json": {}}, "description": "the result file"}})
+async def get_result(job_id: str, name: str, session: SessionDep, storage: StorageDep, key: KeyDep
+                     ) -> StreamingResponse:
+    """Download one result: ``{modality}.nii.gz`` or ``record.json``."""
+    job = visible_job(session, key, job_id)
+    obj_key = job.results.get(name)
+    if obj_key is None:
+        raise ProblemError(404, "result_not_found", f"job {job_id} has no result {name!r}"
+                           + ("" if job.status == JobStatus.succeeded else f" (the job is {job.status})"))
+    size = await run_in_threadpool(storage.size, obj_key)
+    chunks = await run_in_threadpool(storage.open_stream, obj_key)
+    media = next((t for suffix, t in MEDIA_TYPES.items() if name.endswith(suffix)), "application/octet-stream")
+    return StreamingResponse(chunks, media_type=media, headers={
+        "Content-Disposition": f'attachment; filename="{job_id[:8]}-{name}"', "Content-Length": str(size)})
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses={
+    **PROBLEM_RESPONSES, **NOT_FOUND, 409: {"model": Problem, "description": "the job has already ended"}})
+def cancel_job(job_id: str, session: SessionDep, key: ApiKey = require(Role.integrator)) -> JobPublic:
+    """Cancel: a queued job at once, a running one at its next diffusion step."""
+    job = visible_job(session, key, job_id)
+    return to_public(session, job_states.request_cancel(session, job))
+
+
+@router.post("/{job_id}/retry", response_model=JobPublic, status_code=202, responses={
+    **PROBLEM_RESPONSES, **NOT_FOUND, 409: {"model": Problem, "description": "the job is not failed or cancelled"}})
+def retry_job(job_id: str, session: SessionDep, key: ApiKey = require(Role.integrator)) -> JobPublic:
+    """Run a failed or cancelled job again, with the same inputs and seed."""
+    job = visible_job(session, key, job_id)
+    job_states.reset_for_retry(session, job)
+    publish_synthesis(job.id)
+    return to_public(session, job)

@@ -1,0 +1,78 @@
+"""Uploaded files: checked from the header (before any voxel is read), hashed, streamed to storage."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import nibabel as nib
+import numpy as np
+
+from api.core.storage import Storage
+from api.errors import ProblemError
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass(frozen=True)
+class StoredInput:
+    key: str
+    sha256: str
+    bytes: int
+    shape: tuple[int, ...]
+
+
+def _invalid(field: str, detail: str, code: str = "invalid_nifti") -> ProblemError:
+    return ProblemError(422, code, f"{field}: {detail}", field=field)
+
+
+def inspect_nifti_header(field: str, f: BinaryIO, *, max_voxels: int) -> tuple[int, ...]:
+    """Read only the NIfTI-1/2 header (through gzip when compressed) and refuse what the worker cannot use."""
+    f.seek(0)
+    magic = f.read(2)
+    f.seek(0)
+    if not magic:
+        raise _invalid(field, "the file is empty", "empty_file")
+    stream: BinaryIO = gzip.GzipFile(fileobj=f, mode="rb") if magic == GZIP_MAGIC else f  # type: ignore[assignment]
+    try:
+        head = stream.read(540)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise _invalid(field, f"the gzip stream is corrupt ({type(exc).__name__})") from exc
+    finally:
+        f.seek(0)
+    header = None
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        try:
+            header = klass.from_fileobj(io.BytesIO(head), check=True)
+            break
+        except Exception:  # noqa: BLE001 - nibabel raises several types for a bad header
+            continue
+    if header is None:
+        raise _invalid(field, "not a NIfTI-1 or NIfTI-2 file")
+    shape = tuple(int(d) for d in header.get_data_shape())
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise _invalid(field, f"a 3D volume is needed, the header says shape {shape}", "not_3d")
+    if min(shape) < 1 or int(np.prod(shape, dtype=np.int64)) > max_voxels:
+        raise _invalid(field, f"shape {shape} is outside the accepted size (at most {max_voxels} voxels)",
+                       "volume_too_large")
+    if not np.all(np.isfinite(header.get_best_affine())):
+        raise _invalid(field, "the affine is not finite", "invalid_affine")
+    return shape
+
+
+def store_upload(storage: Storage, key: str, f: BinaryIO) -> tuple[str, int]:
+    """Stream ``f`` to ``key`` while hashing it; returns (sha256, bytes)."""
+    digest = hashlib.sha256()
+    f.seek(0)
+    while block := f.read(1024 * 1024):
+        digest.update(block)
+    size = f.tell()
+    f.seek(0)
+    storage.put_stream(key, f, size)
+    return digest.hexdigest(), size
