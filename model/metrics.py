@@ -171,3 +171,19 @@ def percentile_normalize(x: np.ndarray, low: float = 0.5, high: float = 99.5) ->
     if hi <= lo:
         return np.zeros_like(x)
     return (np.clip(x, lo, hi) - lo) / (hi - lo)
+
+
+def normalize_in_mask(x: np.ndarray, mask: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+    """The model's input normalisation, mapped to [0, 1] (paper protocol): clip to the ``percentiles`` of the
+    voxels inside ``mask``, scale to [0, 1], 0 outside the mask. An empty or constant mask region maps to zeros."""
+    x = np.asarray(x, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != x.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from image shape {x.shape}")
+    out = np.zeros_like(x)
+    if not mask.any():
+        return out
+    lo, hi = np.percentile(x[mask], percentiles)
+    if hi > lo:
+        out[mask] = (np.clip(x[mask], lo, hi) - lo) / (hi - lo)
+    return out

@@ -1,0 +1,130 @@
+"""Loss functions of the three stages (paper Sec. 2.3; autoencoder losses from Esser et al. 2021)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------- image similarity
+
+
+def _gaussian_window(size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    r = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float | torch.Tensor = 2.0, window: int = 11,
+         sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """Mean SSIM per image (Wang et al. 2004), Gaussian window, valid filtering. ``x, y (B, C, H, W)`` -> ``(B,)``.
+
+    ``data_range`` is a scalar or a ``(B,)`` tensor. The window shrinks to the image for small images.
+    """
+    c = x.shape[1]
+    window = min(window, x.shape[-1], x.shape[-2])
+    g = _gaussian_window(window, sigma, x.device, x.dtype)
+    wx = g.view(1, 1, 1, -1).expand(c, 1, 1, window)
+    wy = g.view(1, 1, -1, 1).expand(c, 1, window, 1)
+
+    def filt(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t, wx, groups=c), wy, groups=c)
+
+    dr = torch.as_tensor(data_range, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+    c1, c2 = (k1 * dr) ** 2, (k2 * dr) ** 2
+    mu_x, mu_y = filt(x), filt(y)
+    sxx = filt(x * x) - mu_x**2
+    syy = filt(y * y) - mu_y**2
+    sxy = filt(x * y) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)
+
+
+def dct_matrix(n: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Orthonormal DCT-II matrix ``D (n, n)``: ``X = D x`` (scipy ``dct(norm="ortho")``)."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :]
+    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    d[0] /= math.sqrt(2.0)
+    return d.to(device=device, dtype=dtype)
+
+
+def dct2(x: torch.Tensor) -> torch.Tensor:
+    """2D orthonormal DCT-II over the last two axes."""
+    dh = dct_matrix(x.shape[-2], x.device, x.dtype)
+    dw = dct_matrix(x.shape[-1], x.device, x.dtype)
+    return dh @ x @ dw.t()
+
+
+def dct_ssim_loss(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``L_freq = 1 - SSIM(|DCT2(x_hat)|, |DCT2(x)|)`` with data range = max - min of the target's amplitude
+    (per image, as the authors' code does per batch). ``x_hat, x (B, C, H, W)`` -> scalar."""
+    a_hat, a = dct2(x_hat.float()).abs(), dct2(x.float()).abs()
+    dr = (a.flatten(1).amax(1) - a.flatten(1).amin(1)).clamp(min=1e-6)
+    return (1.0 - ssim(a_hat, a, data_range=dr)).mean()
+
+
+def structure_aware_loss(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``L_sa = L1(x_hat, x) + 1 - SSIM(|DCT(x_hat)|, |DCT(x)|)`` (paper Sec. 2.3)."""
+    return F.l1_loss(x_hat, x) + dct_ssim_loss(x_hat, x)
+
+
+# ----------------------------------------------------------------------------------------- stage 1
+
+
+def style_consistency_loss(styles: torch.Tensor, tau: torch.Tensor | float,
+                           valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The paper's style-consistency loss.
+
+    ``styles (B, M, D)``: the M*B style codes are L2-normalised, ``z_pq = tau * s_p . s_q`` and
+    ``L_sc = -1/(MB)^2 sum_pq [T_pq log sig(z_pq) + (1 - T_pq) log sig(-z_pq)]`` with ``T_pq = 1`` iff p and q
+    are the same modality. ``valid (B, M)`` bool keeps only the codes of present images (default: all).
+    """
+    b, m, d = styles.shape
+    s = F.normalize(styles.float(), dim=-1).reshape(b * m, d)
+    modality = torch.arange(m, device=styles.device).repeat(b)
+    keep = valid.reshape(b * m) if valid is not None else torch.ones(b * m, dtype=torch.bool, device=styles.device)
+    s, modality = s[keep], modality[keep]
+    z = tau * s @ s.t()
+    target = (modality[:, None] == modality[None, :]).float()
+    return F.binary_cross_entropy_with_logits(z, target, reduction="mean")
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 1.0,
+                      eps: float = 1e-5) -> torch.Tensor:
+    """``L_seg = bce_weight * BCE + (1 - soft Dice)`` over all channels (sigmoid outputs)."""
+    target = target.float()
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target)
+    p = torch.sigmoid(logits.float())
+    dice = (2 * (p * target).sum() + eps) / (p.sum() + target.sum() + eps)
+    return bce_weight * bce + (1.0 - dice)
+
+
+def adain_kl(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) on the AdaIN statistics, averaged: ``0.5 (mu^2 + sigma^2 - 1 - log sigma^2)``."""
+    return 0.5 * (mu.pow(2) + sigma.pow(2) - 1.0 - torch.log(sigma.pow(2) + 1e-8)).mean()
+
+
+# ----------------------------------------------------------------------------------------- stage 0
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    return -logits_fake.mean()
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                        max_weight: float = 1e4) -> torch.Tensor:
+    """``lambda = ||grad_L rec|| / (||grad_L g|| + 1e-4)`` at the decoder's last layer (Esser et al. 2021, Eq. 7)."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+def diffusion_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``L_LDM = E ||eps - eps_theta(z_t, t | F_s)||^2`` (paper Eq. 1)."""
+    return F.mse_loss(eps_pred.float(), eps.float())

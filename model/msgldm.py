@@ -1,0 +1,129 @@
+"""MSG-LDM glue: the three stages in one module, the stage-2 training loss and the reverse diffusion.
+
+Tensor spaces: ``x (B, M, H, W)`` images in [-1, 1] in the model's modality order; ``available (B, M)`` bool;
+``z`` latents ``(B, 4M, h, w)`` (modality j owns channels ``4j .. 4j+3``); ``f_s (B, C_s, h, w)`` the structure
+condition; ``eps`` noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from model.autoencoder import Autoencoder
+from model.config import MSGLDMConfig
+from model.losses import diffusion_loss
+from model.scheduler import DDIMScheduler
+from model.structure import StructureModel
+from model.unet import UNet
+
+
+class MSGLDM(nn.Module):
+    def __init__(self, cfg: MSGLDMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.modalities = cfg.modalities
+        self.autoencoder = Autoencoder(cfg.autoencoder)
+        self.structure = StructureModel(cfg.structure, len(cfg.modalities))
+        self.unet = UNet(cfg.unet, cfg.latent_channels, cfg.structure.channels[-1])
+        self.scheduler = DDIMScheduler(cfg.diffusion)
+
+    @property
+    def z_per_modality(self) -> int:
+        return self.cfg.autoencoder.latent_channels
+
+    # ------------------------------------------------------------------ stage 0/1 wrappers
+
+    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, M, H, W)`` -> ``z0 (B, 4M, h, w)``: each modality through the shared encoder, scaled."""
+        b, m, h, w = x.shape
+        z, _ = self.autoencoder.encode(x.reshape(b * m, 1, h, w))
+        return z.reshape(b, m * self.z_per_modality, *z.shape[-2:]) * self.cfg.diffusion.latent_scale
+
+    def decode_latents(self, z: torch.Tensor, modality_indices: list[int] | None = None) -> torch.Tensor:
+        """``z (B, 4M, h, w)`` -> images ``(B, K, H, W)`` in [-1, 1] for the K chosen modalities (default all)."""
+        idx = list(range(len(self.modalities))) if modality_indices is None else list(modality_indices)
+        k = self.z_per_modality
+        parts = torch.stack([z[:, j * k : (j + 1) * k] for j in idx], 1)  # (B, K, 4, h, w)
+        b = parts.shape[0]
+        x = self.autoencoder.decode(parts.flatten(0, 1) / self.cfg.diffusion.latent_scale)
+        return x.clamp(-1.0, 1.0).reshape(b, len(idx), *x.shape[-2:])
+
+    def condition(self, x: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        """Structure condition ``f_s`` from the available modalities (stage-1 model)."""
+        return self.structure.encode_structure(x, available)["f_s"]
+
+    def latent_mask(self, available: torch.Tensor) -> torch.Tensor:
+        """``(B, M)`` bool -> ``(B, 4M, 1, 1)`` float: 1 on the latent channels of the given modalities."""
+        return available.float().repeat_interleave(self.z_per_modality, dim=1)[:, :, None, None]
+
+    # ------------------------------------------------------------------ stage 2
+
+    def diffusion_training_loss(self, x: torch.Tensor, available: torch.Tensor,
+                                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Paper Eq. 1 with the frozen stages 0-1:
+
+        1. ``z0`` = latents of all M modalities (the joint target), ``f_s`` from the available ones;
+        2. ``t ~ U{0..T-1}``, ``eps ~ N(0, I)``, ``z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps``;
+        3. ``|| eps - eps_theta([z_t, f_s], t) ||^2``.
+        """
+        with torch.no_grad():
+            z0 = self.encode_latents(x)
+            f_s = self.condition(x, available)
+        t = torch.randint(0, self.scheduler.num_train_timesteps, (x.shape[0],), generator=generator).to(x.device)
+        eps = torch.randn(z0.shape, generator=generator).to(z0)
+        z_t = self.scheduler.add_noise(z0, eps, t)
+        return diffusion_loss(self.unet(z_t, t, f_s), eps)
+
+    def denoise(self, f_s: torch.Tensor, steps: int, *, eta: float | None = None, seed: int = 0,
+                chunk_size: int = 64, z0_known: torch.Tensor | None = None, known: torch.Tensor | None = None,
+                callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """DDIM reverse diffusion for a whole stack of slices, in chunks: ``f_s (S, C_s, h, w)`` -> ``z0 (S, 4M, h, w)``.
+
+        1. ``z_T ~ N(0, I)`` and every step's noise are drawn on the CPU from ``seed`` for the whole stack (results
+           do not depend on the device or the chunk size);
+        2. for each DDIM timestep: ``eps`` by the UNet chunk by chunk, DDIM update (Song et al. 2021, Eq. 12);
+        3. optional inpainting: the ``known (S, M)`` modalities' channels are replaced by their noised true latents
+           ``z0_known`` at the next timestep (clean at the end);
+        4. ``callback(step, steps)`` after every step (exceptions propagate: that is how a caller cancels).
+        """
+        eta = self.cfg.diffusion.eta if eta is None else eta
+        gen = torch.Generator().manual_seed(int(seed))
+        shape = (f_s.shape[0], self.cfg.latent_channels, *f_s.shape[-2:])
+        z = torch.randn(shape, generator=gen).to(f_s.device, torch.float32)
+        mask = self.latent_mask(known).to(z) if (known is not None and z0_known is not None) else None
+        ts = self.scheduler.timesteps(steps)
+        for i, t in enumerate(ts):
+            t_prev = ts[i + 1] if i + 1 < len(ts) else None
+            noise = torch.randn(shape, generator=gen).to(z) if eta > 0 else None
+            z_next = torch.empty_like(z)
+            for start in range(0, shape[0], chunk_size):
+                sl = slice(start, start + chunk_size)
+                t_batch = torch.full((z[sl].shape[0],), t, device=z.device, dtype=torch.long)
+                eps = self.unet(z[sl], t_batch, f_s[sl]).float()
+                z_next[sl], _ = self.scheduler.step(eps, t, t_prev, z[sl], eta, None if noise is None else noise[sl])
+            if mask is not None:
+                if t_prev is None:
+                    z_known_t = z0_known
+                else:
+                    fresh = torch.randn(shape, generator=gen).to(z)
+                    z_known_t = self.scheduler.add_noise(z0_known, fresh, torch.full((shape[0],), t_prev))
+                z_next = mask * z_known_t + (1 - mask) * z_next
+            z = z_next
+            if callback is not None:
+                callback(i + 1, len(ts))
+        return z
+
+    @torch.no_grad()
+    def sample(self, x: torch.Tensor, available: torch.Tensor, steps: int | None = None, *, seed: int = 0,
+               eta: float | None = None, replace_known: bool | None = None) -> torch.Tensor:
+        """All M modalities ``(B, M, H, W)`` in [-1, 1] from the available ones (small batches; see pipeline)."""
+        steps = steps or self.cfg.diffusion.default_steps
+        replace_known = self.cfg.diffusion.replace_known if replace_known is None else replace_known
+        f_s = self.condition(x, available)
+        z0_known = self.encode_latents(x) if replace_known else None
+        z = self.denoise(f_s, steps, eta=eta, seed=seed, chunk_size=x.shape[0], z0_known=z0_known,
+                         known=available if replace_known else None)
+        return self.decode_latents(z)

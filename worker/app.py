@@ -1,0 +1,32 @@
+"""The Celery worker: ``celery -A worker.app worker -Q inference -c 1`` (one process per GPU).
+
+The pool child loads the model after the fork (CUDA is never touched in the parent), then runs the
+heartbeat and the reaper threads beside its tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from api.core.db import get_engine
+from api.core.queue import get_celery
+from api.core.settings import get_settings
+from worker import runtime
+
+app = get_celery()
+app.conf.include = ["worker.tasks"]
+log = logging.getLogger(__name__)
+
+
+@worker_process_init.connect
+def _child_start(**_: object) -> None:
+    logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    get_engine().dispose(close=False)  # connections inherited from the parent are not ours to use
+    runtime.start()
+
+
+@worker_process_shutdown.connect
+def _child_stop(**_: object) -> None:
+    runtime.stop()

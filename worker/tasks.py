@@ -1,0 +1,204 @@
+"""The synthesis task: claim -> read inputs -> run the model -> write results -> complete. Safe to run twice."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from api.core import jobs
+from api.core.db import session_scope
+from api.core.models import Job
+from api.core.queue import SYNTHESIZE_TASK, publish_synthesis
+from api.core.settings import get_settings
+from api.core.storage import StorageError, get_storage
+from model import errors as model_errors
+from worker import runtime
+from worker.app import app
+
+log = logging.getLogger(__name__)
+ERROR_CODES: dict[type, str] = {  # model errors -> stable job failure codes (docs/errors.md)
+    model_errors.StudyGeometryError: "grid_mismatch",
+    model_errors.UnknownModalityError: "unknown_modality",
+    model_errors.NoInputError: "no_inputs",
+    model_errors.TargetError: "invalid_target",
+    model_errors.EmptyBrainError: "empty_brain",
+    model_errors.CheckpointError: "model_unavailable",
+}
+
+
+class JobStopped(Exception):
+    """Cancellation was requested, or this worker lost its claim; raised between diffusion steps."""
+
+
+class Lease:
+    """Renews the claim's lease from a thread and carries progress to the database; flags stop requests."""
+
+    def __init__(self, claim: jobs.Claim, lease_seconds: int) -> None:
+        self.claim, self.lease_seconds = claim, lease_seconds
+        self.stopped = threading.Event()
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._pending: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, name=f"lease-{claim.job_id[:8]}", daemon=True)
+
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
+
+    def update(self, **values: Any) -> None:
+        """Record phase/progress/model_version; written at the next renewal (at most every second)."""
+        with self._lock:
+            self._pending.update(values)
+        if self.stopped.is_set():
+            raise JobStopped(self.claim.job_id)
+
+    def _flush(self) -> None:
+        with self._lock:
+            values, self._pending = self._pending, {}
+        with session_scope() as session:
+            if not jobs.renew(session, self.claim, lease_seconds=self.lease_seconds, **values):
+                self.stopped.set()
+
+    def _run(self) -> None:
+        last_renew = 0.0
+        while not self._done.wait(0.5):
+            now = time.monotonic()
+            if self._pending or now - last_renew > self.lease_seconds / 4:
+                try:
+                    self._flush()
+                    last_renew = now
+                except Exception:  # noqa: BLE001 - the database may be restarting; the lease has slack
+                    log.warning("lease renewal of %s failed", self.claim.job_id, exc_info=True)
+
+
+def _read_inputs(job: Job, workdir: Path) -> dict[str, Any]:
+    from model.io.nifti import read_nifti
+
+    storage = get_storage()
+    study = {}
+    for modality, info in job.inputs.items():
+        local = storage.get_file(info["key"], workdir / Path(info["key"]).name)
+        study[modality] = read_nifti(local)
+    return study
+
+
+def _write_results(job: Job, claim: jobs.Claim, result: Any, record: dict[str, Any], workdir: Path) -> dict[str, str]:
+    from model.io.nifti import write_nifti
+
+    storage = get_storage()
+    prefix = f"jobs/{job.id}/attempt-{claim.attempt}"
+    results: dict[str, str] = {}
+    outputs = {f"{m}.nii.gz": v for m, v in result.volumes.items()}
+    outputs |= {f"{m}.uncertainty.nii.gz": v for m, v in (result.uncertainty or {}).items()}
+    for name, volume in outputs.items():
+        path = write_nifti(volume, workdir / name)
+        storage.put_file(f"{prefix}/{name}", path)
+        results[name] = f"{prefix}/{name}"
+    record_path = workdir / "record.json"
+    record_path.write_text(json.dumps(record, indent=2, default=str))
+    storage.put_file(f"{prefix}/record.json", record_path)
+    results["record.json"] = f"{prefix}/record.json"
+    return results
+
+
+def run_job(job_id: str) -> str:
+    """Run one job to an end state; returns what happened (for logs and tests)."""
+    settings = get_settings()
+    with session_scope() as session:
+        claim = jobs.claim(session, job_id, worker_id=runtime.worker_id(), lease_seconds=settings.jobs.lease_seconds,
+                           max_attempts=settings.jobs.max_attempts)
+        job = session.get(Job, job_id) if claim else None
+    if claim is None or job is None:
+        log.info("job %s: not claimable (finished, cancelled or held elsewhere); nothing to do", job_id)
+        return "skipped"
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        with Lease(claim, settings.jobs.lease_seconds) as lease, tempfile.TemporaryDirectory(prefix="msgldm-") as tmp:
+            workdir = Path(tmp)
+            lease.update(phase="loading", progress=0)
+            synth = runtime.get_synthesizer()
+            lease.update(model_version=synth.version, phase="reading")
+            t0 = time.perf_counter()
+            study = _read_inputs(job, workdir)
+            timings["read"] = time.perf_counter() - t0
+
+            def progress(phase: str, fraction: float) -> None:
+                lease.update(phase=phase, progress=int(5 + 90 * fraction))
+
+            result = synth.synthesize(study, job.targets, steps=job.steps, seed=job.seed, samples=job.samples,
+                                      progress=progress)
+            timings |= {k: float(v) for k, v in result.timings.items()}
+            lease.update(phase="writing", progress=96)
+            t0 = time.perf_counter()
+            record = {
+                "job_id": job.id, "attempt": claim.attempt, "model_version": synth.version,
+                "device": runtime.device_name(), "seed": job.seed, "steps": job.steps or synth.default_steps,
+                "samples": job.samples, "targets": job.targets,
+                "inputs": {m: {"sha256": i["sha256"], "bytes": i["bytes"], "shape": i["shape"]}
+                           for m, i in job.inputs.items()},
+                "timings_seconds": timings,
+            }
+            results = _write_results(job, claim, result, record, workdir)
+            timings["write"] = time.perf_counter() - t0
+        with session_scope() as session:
+            if jobs.complete(session, claim, results=results, model_version=synth.version):
+                log.info("job %s succeeded in %.1fs (attempt %d)", job_id, time.perf_counter() - started, claim.attempt)
+                return "succeeded"
+        get_storage().delete_prefix(f"jobs/{job_id}/attempt-{claim.attempt}/")
+        log.warning("job %s: claim of attempt %d went stale; results discarded", job_id, claim.attempt)
+        return "stale"
+    except JobStopped:
+        get_storage().delete_prefix(f"jobs/{job_id}/attempt-{claim.attempt}/")
+        with session_scope() as session:
+            cancelled = jobs.mark_cancelled(session, claim)
+        log.info("job %s stopped (%s)", job_id, "cancelled" if cancelled else "claim lost")
+        return "cancelled" if cancelled else "stale"
+    except SoftTimeLimitExceeded:
+        return _fail(claim, "time_limit", "the job ran past its time limit")
+    except StorageError as exc:
+        return _fail(claim, "storage_unavailable", str(exc), retry=True)
+    except ValueError as exc:  # the model's and the readers' input errors are ValueErrors with a clear message
+        return _fail(claim, ERROR_CODES.get(type(exc), "invalid_input"), str(exc))
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        return _fail(claim, "synthesis_error", f"{type(exc).__name__}: {exc}")
+    finally:
+        runtime.release_memory()
+        gc.collect()
+
+
+def _fail(claim: jobs.Claim, code: str, message: str, retry: bool = False) -> str:
+    settings = get_settings()
+    retry = retry and claim.attempt < settings.jobs.max_attempts
+    if not retry:
+        try:
+            get_storage().delete_prefix(f"jobs/{claim.job_id}/attempt-{claim.attempt}/")
+        except StorageError:
+            log.warning("could not delete the partial results of job %s", claim.job_id)
+    with session_scope() as session:
+        jobs.fail(session, claim, code=code, message=message, retry=retry)
+    if retry:
+        publish_synthesis(claim.job_id)
+    log.warning("job %s attempt %d: %s (%s)%s", claim.job_id, claim.attempt, code, message,
+                " - re-queued" if retry else "")
+    return "requeued" if retry else "failed"
+
+
+@app.task(name=SYNTHESIZE_TASK, acks_late=True, reject_on_worker_lost=True)
+def synthesize(job_id: str) -> None:
+    """Celery entry point: the message carries only the job id."""
+    run_job(job_id)
