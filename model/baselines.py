@@ -296,7 +296,7 @@ def train_regression_unet(x: np.ndarray, cfg: RegressionUNetConfig,
         loss.backward()
         opt.step()
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, loss.item())
     net.eval()
     return net
 

@@ -189,6 +189,8 @@ class TrainConfig:
     """Training loop defaults (overridable from the command line)."""
 
     batch_size: int = 9
+    crop_stage0: int = 0  # random in-plane crop for stages 0-1 (0: whole slice); the authors crop in stage 0
+    crop_stage1: int = 0  # (fully convolutional parts; MSSE then attends over a smaller grid)
     stage0_steps: int = 100_000
     stage1_steps: int = 50_000
     stage2_steps: int = 100_000

@@ -62,7 +62,8 @@ class MSGLDM(nn.Module):
     # ------------------------------------------------------------------ stage 2
 
     def diffusion_training_loss(self, x: torch.Tensor, available: torch.Tensor,
-                                generator: torch.Generator | None = None) -> torch.Tensor:
+                                generator: torch.Generator | None = None,
+                                z0: torch.Tensor | None = None) -> torch.Tensor:
         """Paper Eq. 1 with the frozen stages 0-1:
 
         1. ``z0`` = latents of all M modalities (the joint target), ``f_s`` from the available ones;
@@ -70,7 +71,7 @@ class MSGLDM(nn.Module):
         3. ``|| eps - eps_theta([z_t, f_s], t) ||^2``.
         """
         with torch.no_grad():
-            z0 = self.encode_latents(x)
+            z0 = self.encode_latents(x) if z0 is None else z0  # (cached latents may be passed in)
             f_s = self.condition(x, available)
         t = torch.randint(0, self.scheduler.num_train_timesteps, (x.shape[0],), generator=generator).to(x.device)
         eps = torch.randn(z0.shape, generator=generator).to(z0)

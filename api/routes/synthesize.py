@@ -144,6 +144,7 @@ def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str,
     inputs: dict[str, Any] = {}
     try:
         for m in req["inputs"]:
+            files[m].file.seek(0)
             suffix = ".nii.gz" if files[m].file.read(2) == b"\x1f\x8b" else ".nii"
             obj_key = f"jobs/{job_id}/inputs/{m}{suffix}"
             sha, size = store_upload(storage, obj_key, files[m].file)

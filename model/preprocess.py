@@ -1,0 +1,174 @@
+"""Volumes <-> model slices (spec "Pre- and post-processing"). numpy only: no torch here.
+
+1. reorient every volume to RAS+ voxel order using its affine (BraTS cases come LPS- and RAS-stored);
+2. brain mask = union over the *available* modalities of ``value > background_threshold``;
+3. in-plane window of ``image_size`` squared centred on the mask's bounding box (pads or crops);
+4. per volume and modality: clip to the [0.5, 99.5] percentiles inside the mask, scale to [-1, 1], background -1;
+5. axial slices that contain brain, ``(S, M, H, W)``;
+6. inverse: [-1, 1] -> [0, 1], 0 outside the mask, pasted back into the reference input's voxel order and affine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+from model.config import PreprocessConfig, canonical_modality
+from model.errors import EmptyBrainError, NoInputError, StudyGeometryError, UnknownModalityError
+from model.io.volume import Volume
+
+_RAS = axcodes2ornt(("R", "A", "S"))
+
+
+@dataclass(frozen=True)
+class PreparedStudy:
+    """A study as model input plus what :func:`restore_volume` needs to go back to the reference grid."""
+
+    x: np.ndarray  # (S, M, H, W) float32 in [-1, 1], model modality order; absent modalities -1
+    available: tuple[bool, ...]  # per model modality
+    mask: np.ndarray  # (S, H, W) bool brain mask in slice space
+    modalities: tuple[str, ...]
+    reference: str  # the modality whose grid/affine outputs take (first available in model order)
+    reference_shape: tuple[int, int, int]
+    reference_affine: np.ndarray
+    to_canonical: np.ndarray  # nibabel orientation transform stored -> RAS voxel order
+    canonical_shape: tuple[int, int, int]
+    window: tuple[int, int]  # start of the HxW window along canonical x and y (may be negative: padding)
+    slice_indices: np.ndarray  # (S,) canonical z index of each slice
+    intensity_range: dict[str, tuple[float, float]] = field(default_factory=dict)  # clip (lo, hi) per input
+    reference_meta: dict = field(default_factory=dict)
+
+    @property
+    def brain_fraction(self) -> np.ndarray:
+        """``(S,)`` fraction of each slice's window inside the brain mask."""
+        return self.mask.reshape(self.mask.shape[0], -1).mean(1)
+
+    def to_slices(self, volume: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """Any array on the reference grid (e.g. a label map) -> ``(S, H, W)`` slices like ``x``."""
+        canon = apply_orientation(np.asarray(volume), self.to_canonical)
+        size = self.x.shape[-1]
+        win = _extract(canon, self.window, size, fill)
+        return np.ascontiguousarray(np.moveaxis(win[:, :, self.slice_indices], 2, 0))
+
+
+def _extract(a: np.ndarray, start: tuple[int, int], size: int, fill: float) -> np.ndarray:
+    """``a (X, Y, Z)`` -> ``(size, size, Z)`` window starting at ``start``, ``fill`` outside ``a``."""
+    out = np.full((size, size, a.shape[2]), fill, dtype=a.dtype)
+    (wx, wy), (nx, ny) = start, a.shape[:2]
+    xs, xe, ys, ye = max(wx, 0), min(wx + size, nx), max(wy, 0), min(wy + size, ny)
+    if xe > xs and ye > ys:
+        out[xs - wx : xe - wx, ys - wy : ye - wy] = a[xs:xe, ys:ye]
+    return out
+
+
+def _check_geometry(volumes: dict[str, Volume]) -> None:
+    names = list(volumes)
+    ref = volumes[names[0]]
+    for name in names[1:]:
+        v = volumes[name]
+        if v.shape != ref.shape:
+            raise StudyGeometryError(f"{name} has shape {v.shape} but {names[0]} has {ref.shape} "
+                                     f"({v.meta.get('source', name)}): all inputs must share one grid")
+        if not np.allclose(v.affine, ref.affine, atol=1e-3):
+            raise StudyGeometryError(f"{name} affine differs from {names[0]} affine "
+                                     f"({v.meta.get('source', name)}): inputs must be co-registered on one grid")
+
+
+def prepare_study(volumes: dict[str, Volume], modalities: Sequence[str], cfg: PreprocessConfig) -> PreparedStudy:
+    """Volumes keyed by modality (aliases allowed) -> model slices for a model built for ``modalities``."""
+    modalities = tuple(modalities)
+    given: dict[str, Volume] = {}
+    for name, vol in volumes.items():
+        key = canonical_modality(name)
+        if key not in modalities:
+            raise UnknownModalityError(f"modality {name!r} is not one this model was built for: {', '.join(modalities)}")
+        given[key] = vol
+    if not given:
+        raise NoInputError(f"no input volume given: need at least one of {', '.join(modalities)}")
+    ordered = {m: given[m] for m in modalities if m in given}
+    _check_geometry(ordered)
+    reference = next(iter(ordered))
+    ref_vol = ordered[reference]
+
+    # 1. canonical (RAS) voxel order
+    to_canonical = io_orientation(ref_vol.affine)
+    canon = {}
+    for m, v in ordered.items():
+        a = apply_orientation(np.asarray(v.data, dtype=np.float32), to_canonical)
+        canon[m] = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    cshape = next(iter(canon.values())).shape
+
+    # 2. brain mask: union over the available modalities
+    mask3 = np.zeros(cshape, dtype=bool)
+    for a in canon.values():
+        mask3 |= a > cfg.background_threshold
+    if not mask3.any():
+        raise EmptyBrainError(f"no voxel above {cfg.background_threshold} in any input "
+                              f"({', '.join(v.meta.get('source', m) for m, v in ordered.items())})")
+
+    # 3. in-plane window centred on the mask's bounding box
+    size = cfg.image_size
+    xs, ys = np.nonzero(mask3.any(axis=2))
+    window = (int((xs.min() + xs.max() + 1) // 2 - size // 2), int((ys.min() + ys.max() + 1) // 2 - size // 2))
+    slice_indices = np.nonzero(mask3.any(axis=(0, 1)))[0]
+
+    # 4. intensity: percentile clip inside the mask, [-1, 1], background -1
+    lo_p, hi_p = cfg.clip_percentiles
+    x = np.full((len(slice_indices), len(modalities), size, size), -1.0, dtype=np.float32)
+    ranges = {}
+    mask_win = _extract(mask3, window, size, False)[:, :, slice_indices]
+    for j, m in enumerate(modalities):
+        if m not in canon:
+            continue
+        a = canon[m]
+        lo, hi = (float(v) for v in np.percentile(a[mask3], [lo_p, hi_p]))
+        if hi <= lo:
+            hi = lo + 1.0
+        ranges[m] = (lo, hi)
+        scaled = np.where(mask3, (np.clip(a, lo, hi) - lo) / (hi - lo) * 2.0 - 1.0, -1.0).astype(np.float32)
+        win = _extract(scaled, window, size, -1.0)[:, :, slice_indices]
+        x[:, j] = np.moveaxis(win, 2, 0)
+
+    # 5. slices
+    return PreparedStudy(
+        x=x,
+        available=tuple(m in canon for m in modalities),
+        mask=np.ascontiguousarray(np.moveaxis(mask_win, 2, 0)),
+        modalities=modalities,
+        reference=reference,
+        reference_shape=tuple(int(s) for s in ref_vol.shape),  # type: ignore[arg-type]
+        reference_affine=ref_vol.affine.copy(),
+        to_canonical=to_canonical,
+        canonical_shape=tuple(int(s) for s in cshape),  # type: ignore[arg-type]
+        window=window,
+        slice_indices=slice_indices,
+        intensity_range=ranges,
+        reference_meta=dict(ref_vol.meta),
+    )
+
+
+def restore_volume(slices: np.ndarray, prepared: PreparedStudy, *, unit_range: bool = False) -> Volume:
+    """``(S, H, W)`` slices in [-1, 1] -> Volume on the reference input's grid, float32 in [0, 1], 0 outside the mask.
+
+    ``unit_range=True`` takes slices already in [0, 1] (e.g. a standard-deviation map) and only masks/pastes them.
+    """
+    slices = np.asarray(slices, dtype=np.float32)
+    if slices.shape != prepared.mask.shape:
+        raise ValueError(f"slices have shape {slices.shape}, expected {prepared.mask.shape}")
+    values = slices if unit_range else (np.clip(slices, -1.0, 1.0) + 1.0) / 2.0
+    values = np.where(prepared.mask, values, 0.0).astype(np.float32)
+    canon = np.zeros(prepared.canonical_shape, dtype=np.float32)
+    size = slices.shape[-1]
+    (wx, wy), (nx, ny, _) = prepared.window, prepared.canonical_shape
+    xs, xe, ys, ye = max(wx, 0), min(wx + size, nx), max(wy, 0), min(wy + size, ny)
+    block = np.moveaxis(values, 0, 2)  # (H, W, S)
+    canon[xs:xe, ys:ye, prepared.slice_indices] = block[xs - wx : xe - wx, ys - wy : ye - wy]
+    back = ornt_transform(_RAS, prepared.to_canonical)
+    data = np.ascontiguousarray(apply_orientation(canon, back), dtype=np.float32)
+    if data.shape != prepared.reference_shape:  # cannot happen for a consistent PreparedStudy
+        raise ValueError(f"restored shape {data.shape} differs from the reference shape {prepared.reference_shape}")
+    meta = {"reference": prepared.reference, "reference_source": prepared.reference_meta.get("source")}
+    return Volume(data=data, affine=prepared.reference_affine.copy(), meta=meta)

@@ -1,0 +1,503 @@
+"""Train MSG-LDM in three stages (authors' order): 0 autoencoder, 1 structure model, 2 latent diffusion.
+
+    python -m model.train --preset tiny --stage all --data ../shared/data/brats2023_gli_00001_000 \
+        ../shared/data/tcga_du_7294_preprocessed --out runs/tiny --max-steps 600,300,1200 --threads 1
+
+Resumable: each stage keeps ``OUT/stage{k}.pt`` (weights, optimiser, step; every ``ckpt_every`` steps and at the
+end); rerunning the same command continues where it stopped. Logs: ``OUT/log.jsonl`` (one JSON object per log
+or validation event), TensorBoard in ``OUT/tb`` when installed. After stage 2 the inference checkpoint is written
+to ``OUT/model`` (config.json + safetensors + metrics.json). DDP when launched by torchrun; bf16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from model.checkpoint import save_checkpoint
+from model.config import MSGLDMConfig, load_preset
+from model.data import find_cases, split_cases
+from model.dataset import ModalityMasker, SliceDataset
+from model.losses import (adain_kl, adaptive_gan_weight, generator_loss, hinge_d_loss, segmentation_loss, ssim,
+                          structure_aware_loss, style_consistency_loss)
+from model.msgldm import MSGLDM
+
+log = logging.getLogger("model.train")
+STEP_HOOK: Callable[[int, int], None] | None = None  # (stage, step) after each step; tests use it to interrupt
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+class Run:
+    """Process-wide training context: device, DDP rank, logging."""
+
+    def __init__(self, out: Path, device: torch.device, rank: int, world: int) -> None:
+        self.out, self.device, self.rank, self.world = out, device, rank, world
+        self.t0 = time.time()
+        self.tb = None
+        if self.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except Exception:  # noqa: BLE001 - tensorboard is optional
+                self.tb = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        record = {"time": round(time.time() - self.t0, 2), **record}
+        with (self.out / "log.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            split = record.get("split", "train")
+            for k, v in record.items():
+                if isinstance(v, float | int) and k not in ("stage", "step", "time"):
+                    self.tb.add_scalar(f"stage{record['stage']}/{split}/{k}", v, record["step"])
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def _loader(ds: SliceDataset, batch: int, run: Run, seed: int) -> Iterator[dict]:
+    """Endless shuffled batches (DistributedSampler under DDP)."""
+    epoch = 0
+    while True:
+        if run.world > 1:
+            sampler = DistributedSampler(ds, num_replicas=run.world, rank=run.rank, seed=seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            g = torch.Generator().manual_seed(seed + epoch)
+            sampler = RandomSampler(ds, replacement=len(ds) < batch, num_samples=max(len(ds), batch), generator=g)
+        yield from DataLoader(ds, batch_size=batch, sampler=sampler, drop_last=True)
+        epoch += 1
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _psnr01(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = F.mse_loss((a.clamp(-1, 1) + 1) / 2, (b + 1) / 2).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-10))
+
+
+def _dice(prob: torch.Tensor, target: torch.Tensor) -> float:
+    p = (prob > 0.5).float()
+    inter, total = (p * target).sum().item(), (p.sum() + target.sum()).item()
+    return 1.0 if total == 0 else 2 * inter / total
+
+
+def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
+    return m.module if hasattr(m, "module") else m
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (and copied buffers)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))  # warm-up as in CompVis LitEma
+        for s, p in zip(self.shadow.parameters(), module.parameters(), strict=True):
+            s.lerp_(p.detach(), 1.0 - d)
+        for s, b in zip(self.shadow.buffers(), module.buffers(), strict=True):
+            s.copy_(b)
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+
+def _stage_path(run: Run, stage: int) -> Path:
+    return run.out / f"stage{stage}.pt"
+
+
+def _load_stage(run: Run, stage: int) -> dict | None:
+    p = _stage_path(run, stage)
+    return torch.load(p, map_location="cpu", weights_only=False) if p.is_file() else None
+
+
+def _save_stage(run: Run, stage: int, state: dict) -> None:
+    if run.is_main:
+        tmp = _stage_path(run, stage).with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, _stage_path(run, stage))
+
+
+def _ddp(module: torch.nn.Module, run: Run) -> torch.nn.Module:
+    if run.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [run.device.index] if run.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+    return module
+
+
+def train_stage(stage: int, model: MSGLDM, train_ds: SliceDataset, val_ds: SliceDataset, run: Run,
+                steps: int, batch: int, seed: int) -> dict:
+    """Train one stage up to ``steps`` (resuming from ``stage{k}.pt``); return its last validation metrics."""
+    cfg = model.cfg
+    device = run.device
+    state = _load_stage(run, stage)
+    ae, sm, unet = model.autoencoder, model.structure, model.unet
+    disc = None
+    ema = None
+    if stage == 0:
+        from model.autoencoder import PatchDiscriminator
+
+        disc = PatchDiscriminator(cfg.autoencoder.disc_layers, cfg.autoencoder.disc_channels).to(device)
+        trainable: torch.nn.Module = ae
+        opt = torch.optim.Adam(ae.parameters(), lr=cfg.autoencoder.lr, betas=cfg.autoencoder.betas)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.autoencoder.lr, betas=cfg.autoencoder.betas)
+    elif stage == 1:
+        trainable = sm
+        opt = torch.optim.Adam(sm.parameters(), lr=cfg.structure.lr, betas=cfg.structure.betas,
+                               weight_decay=cfg.structure.weight_decay)
+    else:
+        trainable = unet
+        opt = torch.optim.AdamW(unet.parameters(), lr=cfg.diffusion.lr, weight_decay=cfg.diffusion.weight_decay)
+        ae.eval().requires_grad_(False)
+        sm.eval().requires_grad_(False)
+        ema = EMA(unet, cfg.diffusion.ema_decay)
+    step = 0
+    last_val: dict = {}
+    if state is not None:
+        trainable.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+        last_val = state.get("val", {})
+        if disc is not None and "disc" in state:
+            disc.load_state_dict(state["disc"])
+            opt_d.load_state_dict(state["opt_d"])
+        if ema is not None and "ema" in state:
+            ema.shadow.load_state_dict(state["ema"])
+        log.info("stage %d: resumed at step %d", stage, step)
+    if step >= steps:
+        return last_val
+
+    trainable.train()
+    if disc is not None:
+        disc.train()
+    wrapped = _ddp(trainable, run)
+    wrapped_d = _ddp(disc, run) if disc is not None else None
+    z_cache = _latents(model, train_ds, run) if stage == 2 else None
+    gen = torch.Generator().manual_seed(seed * 1000 + stage * 100 + step + run.rank)
+    masker = ModalityMasker(gen)
+    batches = _loader(train_ds, batch, run, seed + step)
+
+    def snapshot() -> dict:
+        st = {"stage": stage, "step": step, "model": _unwrap(wrapped).state_dict(), "opt": opt.state_dict(),
+              "val": last_val, "steps_target": steps}
+        if disc is not None:
+            st.update(disc=disc.state_dict(), opt_d=opt_d.state_dict())
+        if ema is not None:
+            st["ema"] = ema.shadow.state_dict()
+        return st
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, initial=step, desc=f"stage {stage}", disable=not run.is_main, dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    while step < steps:
+        b = _to(next(batches), device)
+        crop = (cfg.train.crop_stage0, cfg.train.crop_stage1, 0)[stage]
+        if crop and crop < b["x"].shape[-1]:
+            b = _random_crop(b, crop, gen)
+        x, present = b["x"], b["present"]
+        logs: dict[str, float] = {}
+        with run.autocast():
+            if stage == 0:
+                # one present modality per sample through the shared single-channel autoencoder
+                pick = torch.multinomial(present.float().cpu(), 1, generator=gen).squeeze(1).to(device)
+                x1 = x[torch.arange(x.shape[0], device=device), pick][:, None]
+                x_rec, reg = wrapped(x1)
+                rec = F.l1_loss(x_rec.float(), x1)
+                if cfg.autoencoder.perceptual == "ssim":
+                    rec = rec + cfg.autoencoder.perceptual_weight * (1 - ssim(x_rec.float(), x1, 2.0)).mean()
+                reg_w = cfg.autoencoder.codebook_weight if cfg.autoencoder.kind == "vq" else cfg.autoencoder.kl_weight
+                loss = rec + reg_w * reg
+                gan_on = step >= cfg.autoencoder.disc_start and cfg.autoencoder.disc_weight > 0
+                if gan_on:
+                    g = generator_loss(wrapped_d(x_rec))
+                    w = adaptive_gan_weight(rec, g, ae.last_layer) * cfg.autoencoder.disc_weight
+                    loss = loss + w * g
+                    logs.update(g_loss=g.item(), gan_weight=w.item())
+                logs.update(rec=rec.item(), reg=reg.item())
+            elif stage == 1:
+                available = masker(present)
+                out = wrapped(x, available)
+                sa = torch.stack([structure_aware_loss(out["recon"][present[:, j], j][:, None],
+                                                       x[present[:, j], j][:, None])
+                                  for j in range(x.shape[1]) if present[:, j].any()]).mean()
+                sc = style_consistency_loss(out["styles"], _unwrap(wrapped).tau, valid=present)
+                kl = adain_kl(out["adain_mu"].float(), out["adain_sigma"].float())
+                loss = cfg.structure.sa_weight * sa + cfg.structure.sc_weight * sc + cfg.structure.kl_weight * kl
+                if cfg.structure.segmentation and b["has_seg"].any():
+                    hs = b["has_seg"]
+                    seg = segmentation_loss(out["seg_logits"][hs], b["seg"][hs], cfg.structure.seg_bce_weight)
+                    loss = loss + cfg.structure.seg_weight * seg
+                    logs["seg"] = seg.item()
+                logs.update(sa=sa.item(), sc=sc.item(), kl=kl.item(), tau=_unwrap(wrapped).tau.item())
+            else:
+                available = masker(present)
+                z0 = z_cache[b["index"].cpu()].to(device)
+                loss = _diffusion_loss(model, wrapped, x, available, z0, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip else None
+        opt.step()
+        if stage == 0 and step >= cfg.autoencoder.disc_start and cfg.autoencoder.disc_weight > 0:
+            with run.autocast():
+                d_loss = hinge_d_loss(wrapped_d(x1), wrapped_d(x_rec.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            logs["d_loss"] = d_loss.item()
+        if ema is not None:
+            ema.update(trainable, step)
+        step += 1
+        bar.update(1)
+        logs["loss"] = loss.item()
+        if gn is not None:
+            logs["grad_norm"] = float(gn)
+        if step % cfg.train.log_every == 0 or step == steps:
+            run.log({"stage": stage, "step": step, "split": "train", **{k: round(v, 6) for k, v in logs.items()}})
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        if step % cfg.train.val_every == 0 or step == steps:
+            last_val = validate(stage, model, val_ds, run, ema)
+            run.log({"stage": stage, "step": step, "split": "val", **last_val})
+            trainable.train()
+        if step % cfg.train.ckpt_every == 0 or step == steps:
+            _save_stage(run, stage, snapshot())
+        if STEP_HOOK is not None:
+            STEP_HOOK(stage, step)
+    bar.close()
+    return last_val
+
+
+def _random_crop(b: dict, size: int, gen: torch.Generator) -> dict:
+    """The same random ``size``-squared in-plane crop of every image and label of a batch."""
+    h, w = b["x"].shape[-2:]
+    i = int(torch.randint(0, h - size + 1, (1,), generator=gen))
+    j = int(torch.randint(0, w - size + 1, (1,), generator=gen))
+    return {**b, "x": b["x"][..., i : i + size, j : j + size], "seg": b["seg"][..., i : i + size, j : j + size]}
+
+
+def _diffusion_loss(model: MSGLDM, unet: torch.nn.Module, x: torch.Tensor, available: torch.Tensor,
+                    z0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Stage-2 loss with a (possibly DDP-wrapped) UNet: Eq. 1 on cached latents."""
+    from model.losses import diffusion_loss
+
+    with torch.no_grad():
+        f_s = model.condition(x, available)
+    t = torch.randint(0, model.scheduler.num_train_timesteps, (x.shape[0],), generator=gen).to(x.device)
+    eps = torch.randn(z0.shape, generator=gen).to(z0)
+    z_t = model.scheduler.add_noise(z0, eps, t)
+    return diffusion_loss(unet(z_t, t, f_s), eps)
+
+
+@torch.no_grad()
+def _latents(model: MSGLDM, ds: SliceDataset, run: Run, chunk: int = 32) -> torch.Tensor:
+    """Latents of every slice and modality with the frozen autoencoder: ``(N, 4M, h, w)`` on the CPU."""
+    model.autoencoder.eval()
+    out = []
+    for start in range(0, len(ds), chunk):
+        x = ds.x[start : start + chunk].float().to(run.device)
+        with run.autocast():
+            out.append(model.encode_latents(x).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def validate(stage: int, model: MSGLDM, ds: SliceDataset, run: Run, ema: EMA | None = None) -> dict:
+    """Fixed-seed validation metrics of one stage on up to ``val_batches`` batches."""
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(1234)
+    masker = ModalityMasker(gen)
+    n = min(len(ds), cfg.train.val_batches * cfg.train.batch_size)
+    idx = torch.linspace(0, len(ds) - 1, n).long()
+    metrics: dict[str, list[float]] = {}
+    model.eval()
+    for start in range(0, n, cfg.train.batch_size):
+        b = _to({k: torch.stack([ds[int(i)][k] for i in idx[start : start + cfg.train.batch_size]])
+                 for k in ("x", "present", "seg", "has_seg")}, run.device)
+        x, present = b["x"], b["present"]
+        with run.autocast():
+            if stage == 0:
+                bm, m = x.shape[:2]
+                flat = x.reshape(bm * m, 1, *x.shape[-2:])
+                keep = present.reshape(-1)
+                z, _ = model.autoencoder.encode(flat[keep])
+                rec = model.autoencoder.decode(z).float()
+                metrics.setdefault("l1", []).append(F.l1_loss(rec.clamp(-1, 1), flat[keep]).item())
+                metrics.setdefault("psnr", []).append(_psnr01(rec, flat[keep]))
+            elif stage == 1:
+                available = masker(present)
+                out = model.structure(x, available)
+                rec = out["recon"].float()
+                missing = present & ~available
+                if missing.any():
+                    metrics.setdefault("l1_missing", []).append(F.l1_loss(rec[missing], x[missing]).item())
+                    metrics.setdefault("psnr_missing", []).append(_psnr01(rec[missing], x[missing]))
+                metrics.setdefault("l1_all", []).append(F.l1_loss(rec[present], x[present]).item())
+                if b["has_seg"].any():
+                    prob = torch.sigmoid(out["seg_logits"].float())[b["has_seg"]]
+                    metrics.setdefault("dice_wt", []).append(_dice(prob[:, 1], b["seg"][b["has_seg"]][:, 1]))
+            else:
+                available = masker(present)
+                z0 = model.encode_latents(x)
+                unet = ema.shadow if ema is not None else model.unet
+                metrics.setdefault("diffusion_loss", []).append(_diffusion_loss(model, unet, x, available, z0, gen).item())
+    return {k: round(sum(v) / len(v), 6) for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_steps(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3 or any(p < 0 for p in parts):
+        raise SystemExit(f"--max-steps takes N or N0,N1,N2 (non-negative), got {text!r}")
+    return parts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="preset name (brats, wmh, ixi, tiny) or a YAML file")
+    p.add_argument("--stage", default="all", choices=["0", "1", "2", "all"])
+    p.add_argument("--data", nargs="+", required=True,
+                   help="dataset folder(s) or case folder(s); several paths train on exactly those cases")
+    p.add_argument("--layout", default="auto")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--max-steps", default=None, help="steps per stage: N (all stages) or N0,N1,N2")
+    p.add_argument("--epochs", type=float, default=None, help="alternative to --max-steps: epochs per stage")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="subject-level validation split (0: validate on a fixed subset of the training slices)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. unet.base_channels=64 diffusion.default_steps=25 (YAML values)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+
+    import yaml
+
+    cfg = load_preset(args.preset)
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    out: Path = args.out
+    saved_cfg = out / "config.json"
+    if saved_cfg.is_file():  # resuming: the run's own config wins (the preset may have changed since)
+        cfg = MSGLDMConfig.from_dict(json.loads(saved_cfg.read_text()))
+    if overrides:
+        cfg = cfg.replace(overrides)
+    seed = cfg.train.seed if args.seed is None else args.seed
+    batch = args.batch_size or cfg.train.batch_size
+    val_fraction = cfg.train.val_fraction if args.val_fraction is None else args.val_fraction
+    torch.manual_seed(seed)
+
+    cases = find_cases(args.data, layout=args.layout, modalities=cfg.modalities)
+    if val_fraction > 0 and len({c.subject for c in cases}) > 1:
+        splits = split_cases(cases, seed=seed, val_fraction=val_fraction)
+        train_cases, val_cases = splits["train"], splits["val"]
+    else:
+        train_cases, val_cases = list(cases), []
+    run = Run(out, device, rank, world)
+    train_ds = SliceDataset(train_cases, cfg)
+    val_ds = SliceDataset(val_cases, cfg) if val_cases else train_ds
+    spacing = tuple(round(float(s), 4) for s in train_ds.spacings[0]) if train_ds.spacings else None
+    if cfg.train_spacing is None and spacing is not None:
+        cfg = cfg.replace({"train_spacing": list(spacing)})
+    if run.is_main:
+        saved_cfg.write_text(cfg.to_json() + "\n")
+        (out / "split.json").write_text(json.dumps({
+            "seed": seed, "val_fraction": val_fraction, "train": [c.id for c in train_cases],
+            "val": [c.id for c in val_cases], "validation_on": "val" if val_cases else "train subset",
+            "train_slices": len(train_ds), "data": [str(d) for d in args.data]}, indent=2) + "\n")
+    steps_cfg = [cfg.train.stage0_steps, cfg.train.stage1_steps, cfg.train.stage2_steps]
+    steps = _parse_steps(args.max_steps) or steps_cfg
+    if args.epochs is not None:
+        steps = [max(1, math.ceil(args.epochs * len(train_ds) / (batch * world)))] * 3
+    stages = [0, 1, 2] if args.stage == "all" else [int(args.stage)]
+
+    torch.manual_seed(seed)
+    model = MSGLDM(cfg).to(device)
+    results: dict = {}
+    for stage in range(3):
+        if stage in stages:
+            t = time.time()
+            results[stage] = train_stage(stage, model, train_ds, val_ds, run, steps[stage], batch, seed)
+            run.log({"stage": stage, "step": steps[stage], "split": "summary", "wall_s": round(time.time() - t, 1)})
+        if stage < max(stages):  # later stages need this one's weights, trained or not
+            state = _load_stage(run, stage)
+            if state is None:
+                raise SystemExit(f"stage {max(stages)} needs stage {stage}: {_stage_path(run, stage)} does not exist; "
+                                 f"run --stage {stage} (or --stage all) first")
+            [model.autoencoder, model.structure, model.unet][stage].load_state_dict(state["model"])
+            results.setdefault(stage, state.get("val", {}))
+    if world > 1:
+        dist.barrier()
+    if 2 not in stages or not run.is_main:
+        return None
+    state2 = _load_stage(run, 2)
+    metrics = {
+        "trained": True,
+        "steps": {f"stage{k}": (_load_stage(run, k) or {}).get("step") for k in range(3)},
+        "validation": {f"stage{k}": v for k, v in results.items()},
+        "split": json.loads((out / "split.json").read_text()),
+        "batch_size": batch, "world_size": world, "device": str(device),
+        "wall_s_this_invocation": round(time.time() - run.t0, 1),
+    }
+    dest = save_checkpoint(model, out / "model", metrics=metrics, unet_state=state2.get("ema") if state2 else None)
+    log.info("inference checkpoint written to %s", dest)
+    return dest
+
+
+if __name__ == "__main__":
+    main()
