@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> Path | None:
             t = time.time()
             results[stage] = train_stage(stage, model, train_ds, val_ds, run, steps[stage], batch, seed)
             run.log({"stage": stage, "step": steps[stage], "split": "summary", "wall_s": round(time.time() - t, 1)})
-        if stage < max(stages):  # later stages need this one's weights, trained or not
+        if stage < 2 and max(stages) == 2:  # stage 2 needs the trained (frozen) stages 0 and 1
             state = _load_stage(run, stage)
             if state is None:
                 raise SystemExit(f"stage {max(stages)} needs stage {stage}: {_stage_path(run, stage)} does not exist; "

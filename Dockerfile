@@ -1,0 +1,29 @@
+# syntax=docker/dockerfile:1
+# One source tree, two targets:
+#   api     FastAPI under uvicorn; no torch (the API never imports it)
+#   worker  Celery worker with PyTorch; the torch wheel from PyPI bundles the CUDA runtime, so the host only
+#           needs the NVIDIA driver and the container toolkit (compose reserves the GPU)
+FROM python:3.11-slim AS base
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN useradd --create-home --uid 10001 msgldm
+WORKDIR /app
+COPY pyproject.toml README.md alembic.ini ./
+COPY api ./api
+COPY worker ./worker
+COPY migrations ./migrations
+COPY ops ./ops
+
+FROM base AS api
+RUN pip install -e . && mkdir -p /app/var && chown msgldm /app/var
+USER msgldm
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
+  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
+CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+
+FROM base AS worker
+COPY model ./model
+RUN pip install -e '.[model]' && mkdir -p /app/var && chown msgldm /app/var
+USER msgldm
+# One process per GPU: concurrency 1, the model loaded in the pool child after the fork.
+CMD ["celery", "-A", "worker.app", "worker", "-Q", "inference", "-c", "1", "--loglevel", "INFO"]

@@ -1,0 +1,201 @@
+"""What the service worker calls: a loaded checkpoint that turns a study (Volumes) into the missing sequences.
+
+    synth = Synthesizer.from_pretrained("model/default")
+    result = synth.synthesize({"t1": t1, "t2": t2, "t1ce": t1ce}, ["flair"], steps=25, seed=0)
+    result.volumes["flair"]  # Volume on the reference input's grid, float32 in [0, 1]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.checkpoint import checkpoint_version, load_checkpoint
+from model.config import MSGLDMConfig, canonical_modality
+from model.errors import TargetError, UnknownModalityError
+from model.io.volume import Volume
+from model.msgldm import MSGLDM
+from model.preprocess import PreparedStudy, prepare_study, restore_volume
+
+Progress = Callable[[str, float], None]
+# overall-progress share of each phase (denoise dominates)
+_PHASES = {"preprocess": (0.0, 0.03), "encode": (0.03, 0.08), "denoise": (0.08, 0.92), "decode": (0.92, 0.98),
+           "postprocess": (0.98, 1.0)}
+
+
+@dataclass
+class SynthesisResult:
+    volumes: dict[str, Volume]  # per target, on the reference grid, float32 in [0, 1]
+    uncertainty: dict[str, Volume] | None  # voxelwise std over samples (same scale) when samples > 1
+    timings: dict[str, float]  # seconds per phase, and "total"
+    meta: dict = field(default_factory=dict)  # version, steps, seed, samples, available, reference, device
+
+
+class Synthesizer:
+    """A loaded MSG-LDM checkpoint on one device. Not thread-safe: one synthesis at a time."""
+
+    def __init__(self, model: MSGLDM, version: str, device: torch.device, chunk_size: int | None = None) -> None:
+        self.model = model.eval()
+        self.version = version
+        self.device = device
+        self.config: MSGLDMConfig = model.cfg
+        self.modalities: tuple[str, ...] = model.cfg.modalities
+        self.default_steps: int = model.cfg.diffusion.default_steps
+        default_chunk = self.config.chunk_size_cuda if device.type == "cuda" else self.config.chunk_size_cpu
+        self.chunk_size = int(chunk_size or default_chunk)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | None = None, chunk_size: int | None = None) -> Synthesizer:
+        """Load a checkpoint directory; ``device`` None picks CUDA when available, else CPU."""
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(load_checkpoint(path, dev), checkpoint_version(path), dev, chunk_size)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _targets(self, study: dict[str, Volume], targets: Sequence[str]) -> list[str]:
+        given = {canonical_modality(m) for m in study}
+        unknown = sorted(given - set(self.modalities))
+        if unknown:
+            raise UnknownModalityError(f"input modality {unknown} is not one this model ({self.version}) was built for: "
+                                       f"{', '.join(self.modalities)}")
+        if isinstance(targets, str):
+            targets = [targets]
+        out: list[str] = []
+        for t in targets:
+            m = canonical_modality(t)
+            if m not in self.modalities:
+                raise UnknownModalityError(f"target {t!r} is not one this model ({self.version}) can synthesize: "
+                                           f"{', '.join(self.modalities)}")
+            if m in given:
+                raise TargetError(f"target {t!r} is also an input: only absent modalities can be synthesized")
+            if m not in out:
+                out.append(m)
+        if not out:
+            raise TargetError(f"no target given: name at least one of the absent modalities "
+                              f"{', '.join(m for m in self.modalities if m not in given)}")
+        return out
+
+    def _autocast(self) -> torch.autocast | _Null:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _Null()
+
+    # ------------------------------------------------------------------ API
+
+    def prepare(self, study: dict[str, Volume]) -> PreparedStudy:
+        return prepare_study(study, self.modalities, self.config.preprocess)
+
+    def synthesize(self, study: dict[str, Volume], targets: Sequence[str], *, steps: int | None = None,
+                   seed: int = 0, samples: int = 1, progress: Progress | None = None, eta: float | None = None,
+                   replace_known: bool | None = None) -> SynthesisResult:
+        """Synthesize ``targets`` (absent modalities) from the study's volumes (aliases such as ``t1n`` accepted).
+
+        Phases: 1 preprocess (volumes -> slices), 2 encode (structure condition F_s), 3 denoise (DDIM, all
+        modalities jointly, ``samples`` times), 4 decode (targets' latents -> images), 5 postprocess (slices ->
+        volumes on the reference grid). ``progress(phase, fraction)`` is called at each phase change and after every
+        diffusion step; an exception raised by it propagates (cancellation). Deterministic for a seed.
+        """
+        steps = int(steps or self.default_steps)
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        target_names = self._targets(study, targets)
+        timings: dict[str, float] = {}
+        t_all = time.perf_counter()
+
+        def enter(phase: str) -> float:
+            if progress is not None:
+                progress(phase, _PHASES[phase][0])
+            return time.perf_counter()
+
+        # 1. preprocess
+        t0 = enter("preprocess")
+        prepared = self.prepare(study)
+        timings["preprocess"] = time.perf_counter() - t0
+        x = torch.from_numpy(prepared.x)
+        available_row = torch.tensor(prepared.available, dtype=torch.bool)
+        n = x.shape[0]
+        target_idx = [self.modalities.index(m) for m in target_names]
+        replace_known = self.config.diffusion.replace_known if replace_known is None else replace_known
+        cs = self.chunk_size
+
+        with torch.inference_mode(), self._autocast():
+            # 2. encode: F_s (and the known latents for inpainting) for all slices, chunk by chunk
+            t0 = enter("encode")
+            f_s, z_known = [], []
+            for s in range(0, n, cs):
+                xc = x[s : s + cs].to(self.device)
+                av = available_row.expand(xc.shape[0], -1).to(self.device)
+                f_s.append(self.model.condition(xc, av).float())
+                if replace_known:
+                    z_known.append(self.model.encode_latents(xc).float())
+            f_s_all = torch.cat(f_s)
+            z0_known = torch.cat(z_known) if replace_known else None
+            timings["encode"] = time.perf_counter() - t0
+
+            # 3. denoise, K samples
+            t0 = enter("denoise")
+            lo, hi = _PHASES["denoise"]
+            latents = []
+            for k in range(samples):
+                def on_step(i: int, total: int, k: int = k) -> None:
+                    if progress is not None:
+                        progress("denoise", lo + (hi - lo) * (k * total + i) / (samples * total))
+
+                sample_seed = int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0])
+                latents.append(self.model.denoise(
+                    f_s_all, steps, eta=eta, seed=sample_seed, chunk_size=cs, z0_known=z0_known,
+                    known=available_row.expand(n, -1).to(self.device) if replace_known else None,
+                    callback=on_step).cpu())
+            timings["denoise"] = time.perf_counter() - t0
+
+            # 4. decode the targets' latents
+            t0 = enter("decode")
+            images = np.zeros((samples, len(target_idx), n, *x.shape[-2:]), dtype=np.float32)
+            for k, z in enumerate(latents):
+                for s in range(0, n, cs):
+                    dec = self.model.decode_latents(z[s : s + cs].to(self.device), target_idx).float().cpu()
+                    images[k, :, s : s + dec.shape[0]] = dec.permute(1, 0, 2, 3).numpy()
+            timings["decode"] = time.perf_counter() - t0
+
+        # 5. postprocess: mean (and std) over samples, back to the reference grid
+        t0 = enter("postprocess")
+        volumes, uncertainty = {}, ({} if samples > 1 else None)
+        for i, m in enumerate(target_names):
+            volumes[m] = restore_volume(images[:, i].mean(0), prepared)
+            if uncertainty is not None:
+                std01 = ((images[:, i].clip(-1, 1) + 1) / 2).std(0)
+                uncertainty[m] = restore_volume(std01, prepared, unit_range=True)
+        timings["postprocess"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_all
+        if progress is not None:
+            progress("postprocess", 1.0)
+        meta = {"version": self.version, "steps": steps, "seed": seed, "samples": samples,
+                "eta": self.config.diffusion.eta if eta is None else eta, "replace_known": replace_known,
+                "available": [m for m, a in zip(self.modalities, prepared.available, strict=True) if a],
+                "reference": prepared.reference, "slices": n, "device": str(self.device)}
+        return SynthesisResult(volumes=volumes, uncertainty=uncertainty, timings=timings, meta=meta)
+
+    def segment(self, study: dict[str, Volume]) -> dict[str, Volume]:
+        """The structure model's segmentation ("structure-model segmentation") from the study's volumes:
+        probability maps ``{"WT", "TC", "ET"}`` on the reference grid, float32 in [0, 1]."""
+        prepared = self.prepare(study)
+        x = torch.from_numpy(prepared.x)
+        av_row = torch.tensor(prepared.available, dtype=torch.bool)
+        probs = []
+        with torch.inference_mode(), self._autocast():
+            for s in range(0, x.shape[0], self.chunk_size):
+                xc = x[s : s + self.chunk_size].to(self.device)
+                probs.append(self.model.structure.segment(xc, av_row.expand(xc.shape[0], -1).to(self.device)).float().cpu())
+        p = torch.cat(probs).numpy()
+        return {r: restore_volume(p[:, i], prepared, unit_range=True) for i, r in enumerate(("WT", "TC", "ET"), start=1)}
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
