@@ -103,13 +103,47 @@ class Decoder(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
-    """Nearest-code quantiser with commitment loss and straight-through gradients (van den Oord 2017)."""
+    """Nearest-code quantiser with commitment loss and straight-through gradients (van den Oord 2017).
 
-    def __init__(self, num_codes: int, dim: int, beta: float) -> None:
+    ``update="loss"`` (the authors'): the codebook learns through the codebook loss ``||sg(z) - e||^2``.
+    ``update="ema"``: the codebook is an exponential moving average of its assigned encoder outputs (VQ-VAE-2),
+    initialised from the first training batch, and unused codes are restarted on random encoder outputs; only
+    the commitment term remains in the loss. Small models train stably with it (the tiny preset).
+    """
+
+    def __init__(self, num_codes: int, dim: int, beta: float, update: str = "loss", decay: float = 0.99) -> None:
         super().__init__()
-        self.beta = beta
+        self.beta, self.update, self.decay = beta, update, decay
         self.codebook = nn.Embedding(num_codes, dim)
         self.codebook.weight.data.uniform_(-1.0 / num_codes, 1.0 / num_codes)
+        if update == "ema":
+            self.register_buffer("initialized", torch.zeros(()))
+            self.register_buffer("cluster_size", torch.ones(num_codes))
+            self.register_buffer("embed_avg", self.codebook.weight.data.clone())
+            self.codebook.weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, idx: torch.Tensor) -> None:
+        k = self.codebook.num_embeddings
+        if not bool(self.initialized):
+            pick = torch.randint(0, flat.shape[0], (k,), device=flat.device)
+            self.codebook.weight.data.copy_(flat[pick] + 1e-3 * torch.randn_like(flat[pick]))
+            self.embed_avg.copy_(self.codebook.weight.data)
+            self.cluster_size.fill_(1.0)
+            self.initialized.fill_(1.0)
+            return
+        onehot = F.one_hot(idx, k).to(flat.dtype)
+        self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        size = (self.cluster_size + 1e-5) / (n + k * 1e-5) * n
+        self.codebook.weight.data.copy_(self.embed_avg / size[:, None])
+        dead = self.cluster_size < 1e-3
+        if dead.any():  # restart unused codes on random encoder outputs
+            pick = torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)
+            self.codebook.weight.data[dead] = flat[pick]
+            self.embed_avg[dead] = flat[pick]
+            self.cluster_size[dead] = 1.0
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z (B, D, h, w) -> (z_q, codebook loss, code indices (B, h, w))."""
@@ -118,8 +152,14 @@ class VectorQuantizer(nn.Module):
         emb = self.codebook.weight.float()
         dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ emb.t() + emb.pow(2).sum(1)[None]
         idx = dist.argmin(1)
+        if self.update == "ema" and self.training:
+            self._ema_update(flat.detach(), idx)
+            idx = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.weight.float().t()
+                   + self.codebook.weight.float().pow(2).sum(1)[None]).argmin(1)
         z_q = self.codebook(idx).view(b, h, w, d).permute(0, 3, 1, 2).to(z.dtype)
-        loss = self.beta * F.mse_loss(z_q.detach(), z) + F.mse_loss(z_q, z.detach())
+        loss = self.beta * F.mse_loss(z_q.detach(), z)
+        if self.update == "loss":
+            loss = loss + F.mse_loss(z_q, z.detach())
         z_q = z + (z_q - z).detach()
         return z_q, loss, idx.view(b, h, w)
 
@@ -135,7 +175,8 @@ class Autoencoder(nn.Module):
         self.quant_conv = nn.Conv2d(2 * z if cfg.kind == "kl" else z, 2 * z if cfg.kind == "kl" else z, 1)
         self.post_quant_conv = nn.Conv2d(z, z, 1)
         self.decoder = Decoder(cfg)
-        self.quantizer = VectorQuantizer(cfg.codebook_size, z, cfg.commitment_beta) if cfg.kind == "vq" else None
+        self.quantizer = VectorQuantizer(cfg.codebook_size, z, cfg.commitment_beta, cfg.codebook_update,
+                                         cfg.codebook_decay) if cfg.kind == "vq" else None
 
     def encode(self, x: torch.Tensor, sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Image ``(B, 1, H, W)`` -> (latent ``(B, z, H/f, W/f)``, regulariser loss).

@@ -65,6 +65,8 @@ class AutoencoderConfig:
     latent_channels: int = 4
     codebook_size: int = 8192
     commitment_beta: float = 0.25
+    codebook_update: Literal["loss", "ema"] = "loss"  # authors: codebook loss; ema: EMA codebook + dead-code restart
+    codebook_decay: float = 0.99  # ema only
     mid_attention: bool = True
     norm_groups: int = 32
     quantize_on_decode: bool = True  # VQ: snap diffusion outputs to the codebook before decoding (CompVis)

@@ -191,9 +191,7 @@ def _cases_in_folder(folder: Path, names: list[str], ixi_files: dict[str, dict[s
             loose_segs.append(path)
         elif m := _BRATS2023.match(name):
             groups[("brats2023", m["id"])][m["mod"]] = path
-        elif m := _BRATS_OLD.match(name):
-            groups[("brats-old", m["id"])][m["mod"]] = path
-        elif m := _TOOLKIT.match(name):
+        elif (m := _BRATS_OLD.match(name)) or (m := _TOOLKIT.match(name)):
             groups[("brats-old", m["id"])][m["mod"]] = path
     cases = []
     for (family, case_id), files in sorted(groups.items()):

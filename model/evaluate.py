@@ -16,7 +16,8 @@ from the same inputs, and each output is scored by
    scaled to [0, 1] independently; 3D SSIM over the whole volume; with a segmentation, SSIM of the volumes
    multiplied by the tumour mask and by its complement (the BraSyn scorer's definition); PSNR over the brain mask;
 3. **Dice** (when the case has a segmentation and the checkpoint a segmentation decoder): the checkpoint's own
-   structure-model segmentation of the available + synthesized inputs against the case's labels (WT, TC, ET);
+   structure-model segmentation (``Synthesizer.segment``) of the available + synthesized inputs against the
+   case's labels (WT, TC, ET, 3D on the grid); ``dice_real_*`` is the same segmenter on all real inputs;
 4. **wall time** per synthesized volume (a job that synthesizes k targets counts 1/k of its time for each).
 
 Writes ``report.json`` (every result, the summary, the command and the protocol), ``report.md`` (Table-1-style
@@ -160,7 +161,7 @@ class CaseReference:
     normalized: dict[str, np.ndarray]  # model normalisation in [0, 1] on the reference grid
     brasyn: dict[str, np.ndarray]  # BraSyn percentile normalisation
     tumour: np.ndarray | None  # WT mask on the grid
-    regions: np.ndarray | None  # (4, S, H, W) in slice space
+    regions: np.ndarray | None  # (4, X, Y, Z) bool [background, WT, TC, ET] on the grid
     slices: object  # PreparedStudy of all modalities: the slice window and indices
     keep: np.ndarray  # (S,) slices with brain used by the 2D protocol
     seg_is_prediction: bool
@@ -182,8 +183,8 @@ def prepare_reference(case: Case, images: dict[str, Volume], seg: Volume | None,
     if seg is not None and case.layout in ("brats2020", "brats2021", "brats2023", "brats-toolkit", "wmh"):
         grid = next(iter(images.values()))
         if seg.shape == grid.shape:
-            tumour = seg_to_regions(seg.data, case.layout)[1]
-            regions = seg_to_regions(prep.to_slices(seg.data, fill=0), case.layout)
+            regions = seg_to_regions(seg.data, case.layout)
+            tumour = regions[1]
         else:
             log.warning("case %s: segmentation grid %s differs from the images %s: not used", case.id,
                         seg.shape, grid.shape)
@@ -217,30 +218,12 @@ def score(pred: Volume, target: str, ref: CaseReference) -> dict[str, float]:
     return out
 
 
-class StructureSegmenter:
-    """The checkpoint's stage-1 segmentation decoder run on prepared slices (the "structure-model segmentation")."""
-
-    def __init__(self, checkpoint: str | Path) -> None:
-        from model.checkpoint import load_checkpoint
-
-        self.model = load_checkpoint(checkpoint)
-        self.cfg = self.model.cfg
-
-    def regions(self, study: dict[str, Volume]) -> tuple[np.ndarray, object]:
-        """``(4, S, H, W)`` bool regions [background, WT, TC, ET] in the study's slice space, and that space
-        (the ``PreparedStudy``)."""
-        import torch
-
-        from model.preprocess import prepare_study
-
-        prep = prepare_study(study, list(self.cfg.modalities), self.cfg.preprocess)
-        avail = torch.tensor(prep.available)[None]
-        probs = []
-        with torch.no_grad():
-            for i in range(0, len(prep.x), 16):
-                xb = torch.from_numpy(prep.x[i : i + 16])
-                probs.append(self.model.structure.segment(xb, avail.expand(len(xb), -1)).numpy())
-        return np.moveaxis(np.concatenate(probs) > 0.5, 1, 0), prep
+def segmentation_regions(segmenter, study: dict[str, Volume]) -> np.ndarray:
+    """The checkpoint's structure-model segmentation (``Synthesizer.segment``) of a study as ``(4, X, Y, Z)``
+    bool regions [background, WT, TC, ET] on the study's grid (probability > 0.5)."""
+    probs = segmenter.segment(study)
+    wt, tc, et = (np.asarray(probs[r].data) > 0.5 for r in ("WT", "TC", "ET"))
+    return np.stack([~wt, wt, tc, et])
 
 
 def to_model_scale(volume: Volume, reference: Volume) -> Volume:
@@ -263,10 +246,15 @@ def evaluate_cases(
     max_subsets: int | None = None,
     targets: Sequence[str] | None = None,
     max_slices: int | None = None,
-    segmenter: StructureSegmenter | None = None,
+    segmenter=None,
     figures_dir: Path | None = None,
+    ceilings: list[dict] | None = None,
 ) -> list[dict]:
-    """Run every method on every (case, available subset) and score every synthesized target."""
+    """Run every method on every (case, available subset) and score every synthesized target.
+
+    ``ceilings``, when given, receives per (case, target) the scores of the reference itself in the model's
+    [0, 1] scale: the best any [0, 1] output can get under the BraSyn protocol's re-normalisation.
+    """
     results: list[dict] = []
     figure_done: set[str] = set()
     for case in cases:
@@ -282,8 +270,12 @@ def evaluate_cases(
         wanted = [t for t in present if targets is None or t in targets]
         real_dice = None
         if segmenter is not None and ref.regions is not None:
-            real_dice = dice_regions(_align(segmenter.regions(images), ref), ref.regions)
+            real_dice = dice_regions(segmentation_regions(segmenter, images), ref.regions)
         subsets = available_subsets(present, counts, max_subsets, seed)
+        if ceilings is not None:
+            for t in wanted:
+                best = Volume(ref.normalized[t].astype(np.float32), images[t].affine)
+                ceilings.append({"case": case.id, "target": t, **score(best, t, ref)})
         # figures show the largest subset evaluated for each target
         for subset in subsets:
             job_targets = [t for t in wanted if t not in subset]
@@ -303,7 +295,7 @@ def evaluate_cases(
                     row.update(score(out[t], t, ref))
                     if segmenter is not None and ref.regions is not None:
                         syn_study = {**study, t: to_model_scale(out[t], images[t])}
-                        d = dice_regions(_align(segmenter.regions(syn_study), ref), ref.regions)
+                        d = dice_regions(segmentation_regions(segmenter, syn_study), ref.regions)
                         row.update({f"dice_{k}": v for k, v in d.items()})
                         row.update({f"dice_real_{k}": v for k, v in (real_dice or {}).items()})
                     results.append(row)
@@ -319,22 +311,6 @@ def evaluate_cases(
                         figure_done.add(t)
                         log.info("figure %s (%s)", path, key)
     return results
-
-
-def _align(segmented: tuple[np.ndarray, object], ref: CaseReference) -> np.ndarray:
-    """Segmenter regions in the segmented study's slice space -> the reference's slice space.
-
-    Both studies come from the same grid but their brain masks (hence windows and slices) can differ, so each
-    region is pasted back on the grid and re-cut with the reference window.
-    """
-    from model.preprocess import restore_volume
-
-    regions, prep = segmented
-    out = np.zeros((regions.shape[0], *ref.slices.mask.shape), dtype=bool)
-    for c in range(regions.shape[0]):
-        grid = restore_volume(regions[c].astype(np.float32), prep, unit_range=True).data
-        out[c] = ref.slices.to_slices(grid, fill=0.0) > 0.5
-    return out
 
 
 # ===================================================================================== summary and report
@@ -405,6 +381,11 @@ def markdown_report(report: dict) -> str:
         brasyn_cols[1:1] = [("SSIM tumour %", "brasyn_ssim_tumour", 100.0, 2),
                             ("SSIM non-tumour %", "brasyn_ssim_non_tumour", 100.0, 2)]
     table("BraSyn protocol (3D, per-volume percentile normalisation)", brasyn_cols)
+    if report.get("ceiling"):
+        parts = [f"{t.upper()} {_fmt(report['ceiling'][t].get('all'), 'brasyn_ssim', 100.0, 2, std=False)}"
+                 for t in targets if t in report["ceiling"]]
+        lines += ["Ceiling of this protocol for outputs in the model's [0, 1] scale (the reference itself, "
+                  "normalised like the model's output, then scored): SSIM3D % " + ", ".join(parts) + ".", ""]
     table("MAE (brain, [0, 1]) and wall time per synthesized volume (s)",
           [("MAE", "mae", 1.0, 4), ("s/vol", "seconds", 1.0, 2)])
     if has_dice:
@@ -425,7 +406,8 @@ def figure(path: Path, case_id: str, target: str, study: dict[str, Volume], pred
     import matplotlib.pyplot as plt
 
     prep = ref.slices
-    score_slice = ref.regions[1].reshape(len(ref.regions[1]), -1).sum(1) if ref.regions is not None else None
+    score_slice = prep.to_slices(ref.tumour, fill=False).reshape(len(prep.mask), -1).sum(1) \
+        if ref.tumour is not None else None
     if score_slice is None or score_slice.max() == 0:
         score_slice = prep.mask.reshape(len(prep.mask), -1).sum(1)
     k = int(np.argmax(score_slice))
@@ -557,26 +539,30 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         log.warning("cases %s are both evaluated and used to fit the baselines", sorted(overlap))
     if not eval_cases:
         raise EvaluationError("no cases to evaluate")
+    if args.max_slices is not None and args.max_slices < 11:
+        raise EvaluationError(f"--max-slices {args.max_slices}: the 3D SSIM window needs at least 11 slices")
     targets = [t.strip() for t in args.targets.split(",")] if args.targets else None
     if targets and any(t not in modalities for t in targets):
         raise EvaluationError(f"targets {targets} must be among the checkpoint's modalities {modalities}")
 
     from model.pipeline import Synthesizer
 
-    methods = [synthesizer_method(Synthesizer.from_pretrained(ckpt))]
+    synth = Synthesizer.from_pretrained(ckpt)
+    methods = [synthesizer_method(synth)]
     if not args.no_baselines:
         methods += _load_baselines(args, modalities, cfg.preprocess,
                                    [c for c in train_pool if all(m in c.images for m in modalities)])
     segmenter = None
     if not args.no_dice and cfg.structure.segmentation and any(c.seg is not None for c in eval_cases):
-        segmenter = StructureSegmenter(ckpt)
+        segmenter = synth
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    ceilings: list[dict] = []
     results = evaluate_cases(
         eval_cases, methods, modalities, cfg.preprocess, steps=args.steps, seed=args.seed,
         counts=_parse_counts(args.available), max_subsets=args.max_subsets, targets=targets,
-        max_slices=args.max_slices, segmenter=segmenter, figures_dir=out / "figures")
+        max_slices=args.max_slices, segmenter=segmenter, figures_dir=out / "figures", ceilings=ceilings)
     figures = {p.stem: f"figures/{p.name}" for p in sorted((out / "figures").glob("*.png"))}
     report = {
         "title": args.title or f"{cfg.name} checkpoint on {', '.join(c.id for c in eval_cases)}",
@@ -604,6 +590,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "results": results,
         "summary": summarize(results),
+        "ceiling": summarize([{**c, "method": "ceiling", "n_available": 0} for c in ceilings]).get("ceiling", {}),
         "figures": figures,
     }
     (out / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))

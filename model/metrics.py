@@ -21,6 +21,7 @@ from scipy.ndimage import gaussian_filter
 WIN_SIZE = 11
 SIGMA = 1.5
 _TRUNCATE = 3.5  # radius = int(3.5 * 1.5 + 0.5) = 5 -> 11 taps
+_FLOAT32_ABOVE = 2_000_000  # voxels
 
 
 def _pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,6 +76,8 @@ def ssim_map(
     if data_range <= 0:
         raise ValueError(f"data_range must be positive, got {data_range}")
     x, y = _pair(x, y)
+    if x.size > _FLOAT32_ABOVE:  # big volumes: float32 filtering halves the time; error ~1e-7 << C2 = 9e-4
+        x, y = x.astype(np.float32), y.astype(np.float32)
     axes = tuple(range(x.ndim)) if axes is None else tuple(a % x.ndim for a in axes)
     sig = [sigma if a in axes else 0.0 for a in range(x.ndim)]
 
@@ -105,15 +108,38 @@ def _crop(v: np.ndarray, axes: Sequence[int]) -> np.ndarray:
 def ssim(x: np.ndarray, y: np.ndarray, data_range: float = 1.0, mask: np.ndarray | None = None) -> float:
     """Mean SSIM over all axes of ``x`` (a 2D image -> 2D SSIM, a 3D volume -> 3D SSIM).
 
-    With ``mask``, the map is averaged over the mask's voxels only (after the same border crop).
+    With ``mask``, the map is averaged over the mask's voxels only (after the same border crop). Without one,
+    only the bounding box of the non-zero voxels (plus two window radii) is filtered: wherever both images are
+    zero over a whole window the local SSIM is exactly 1, so skipping that background changes nothing but time.
     """
     x, y = _pair(x, y)
     axes = tuple(range(x.ndim))
-    smap = _crop(ssim_map(x, y, data_range, axes=axes), axes)
-    if mask is None:
-        return float(smap.mean())
-    mask = _crop(np.asarray(mask, dtype=bool), axes)
-    return float(smap[mask].mean()) if mask.any() else float("nan")
+    if mask is not None:
+        smap = _crop(ssim_map(x, y, data_range, axes=axes), axes)
+        mask = _crop(np.asarray(mask, dtype=bool), axes)
+        return float(smap[mask].mean(dtype=np.float64)) if mask.any() else float("nan")
+    r = (WIN_SIZE - 1) // 2
+    for a in axes:  # same shape checks as the full computation
+        if x.shape[a] <= 2 * r:
+            raise ValueError(f"SSIM needs at least {WIN_SIZE} voxels along axis {a}, got shape {x.shape}")
+    nonzero = (x != 0) | (y != 0)
+    total = int(np.prod([n - 2 * r for n in x.shape]))
+    if not nonzero.any():
+        return 1.0
+    lo_hi = []
+    for a in axes:
+        idx = np.nonzero(nonzero.any(axis=tuple(b for b in axes if b != a)))[0]
+        lo_hi.append((int(idx[0]), int(idx[-1]) + 1))
+    # computed box: non-zero bbox + 2r (each voxel within r of the bbox sees only voxels inside it)
+    box = tuple(slice(max(lo - 2 * r, 0), min(hi + 2 * r, n)) for (lo, hi), n in zip(lo_hi, x.shape, strict=True))
+    smap = ssim_map(x[box], y[box], data_range, axes=axes)
+    # voxels counted: within r of the bbox, and inside the border crop of the whole image
+    keep = []
+    for (lo, hi), n, b in zip(lo_hi, x.shape, box, strict=True):
+        start, stop = max(lo - r, r), min(hi + r, n - r)
+        keep.append(slice(start - b.start, max(stop, start) - b.start))
+    inner = smap[tuple(keep)]
+    return float((inner.sum(dtype=np.float64) + (total - inner.size)) / total)
 
 
 def ssim_3d(x: np.ndarray, y: np.ndarray, data_range: float = 1.0, mask: np.ndarray | None = None) -> float:
@@ -129,7 +155,7 @@ def ssim_slices(x: np.ndarray, y: np.ndarray, data_range: float = 1.0, axis: int
     x, y = np.moveaxis(x, axis, 0), np.moveaxis(y, axis, 0)
     spatial = tuple(range(1, x.ndim))
     smap = _crop(ssim_map(x, y, data_range, axes=spatial), spatial)
-    return smap.reshape(smap.shape[0], -1).mean(axis=1)
+    return smap.reshape(smap.shape[0], -1).mean(axis=1, dtype=np.float64)
 
 
 def psnr_slices(x: np.ndarray, y: np.ndarray, data_range: float = 1.0, axis: int = 0) -> np.ndarray:

@@ -56,10 +56,10 @@ def _phantom(shape=(28, 28, 14), seed=0) -> tuple[dict[str, np.ndarray], np.ndar
     return {"t1": t1, "t2": t2, "t1ce": t1ce, "flair": flair}, seg.astype(np.uint8)
 
 
-def _write_case(root: Path, case_id: str, seed: int) -> Path:
+def _write_case(root: Path, case_id: str, seed: int, shape=(28, 28, 14)) -> Path:
     folder = root / case_id
     folder.mkdir(parents=True)
-    images, seg = _phantom(seed=seed)
+    images, seg = _phantom(shape, seed=seed)
     for mod, arr in images.items():
         nib.save(nib.Nifti1Image(arr.astype(np.float32), LPS), str(folder / f"{case_id}_{mod}.nii.gz"))
     nib.save(nib.Nifti1Image(seg, LPS), str(folder / f"{case_id}_seg.nii.gz"))
@@ -163,13 +163,13 @@ def test_cli_on_a_random_tiny_checkpoint(tmp_path):
     from model.evaluate import main
 
     data = tmp_path / "data"
-    _write_case(data, "BraTS20_Training_001", 0)
-    _write_case(data, "BraTS20_Training_002", 1)
+    _write_case(data, "BraTS20_Training_001", 0, shape=(56, 56, 12))  # enough brain in the tiny preset's 192 window
+    _write_case(data, "BraTS20_Training_002", 1, shape=(56, 56, 12))
     ckpt = init_checkpoint("tiny", tmp_path / "ckpt")
     out = tmp_path / "eval"
     rc = main(["--checkpoint", str(ckpt), "--data", str(data), "--cases", "BraTS20_Training_002",
-               "--out", str(out), "--steps", "2", "--max-slices", "4", "--available", "3", "--max-subsets", "1",
-               "--baseline-steps", "2", "--no-dice"])
+               "--out", str(out), "--steps", "2", "--max-slices", "11", "--available", "3", "--max-subsets", "1",
+               "--baseline-steps", "2"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["cases"] == ["BraTS20_Training_002"] and report["baseline_train_cases"] == ["BraTS20_Training_001"]
@@ -177,3 +177,7 @@ def test_cli_on_a_random_tiny_checkpoint(tmp_path):
     assert all(np.isfinite(r["paper_psnr"]) for r in report["results"])
     assert (out / "report.md").read_text().startswith("# Synthesis quality")
     assert (out / "baselines" / "unet" / "weights.safetensors").is_file()
+    assert all("dice_mean" in r for r in report["results"])  # the case has labels: structure-model Dice
+    assert set(report["ceiling"]) == {"t1", "t2", "t1ce", "flair"}
+    (target,) = {r["target"] for r in report["results"]}  # one subset of 3 inputs: one target
+    assert [p.name for p in (out / "figures").glob("*.png")] == [f"{target}.png"]

@@ -140,3 +140,18 @@ def test_percentile_normalize():
 def gaussian_blob(shape: tuple[int, ...]) -> np.ndarray:
     grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
     return np.exp(-sum(g**2 for g in grids) * 2.0)
+
+
+@pytest.mark.parametrize("where", [(slice(10, 25), slice(5, 40), slice(8, 20)), (slice(0, 30), slice(3, 10), slice(0, 5))])
+def test_ssim_background_skip_is_exact(where):
+    """The bounding-box fast path equals the full map's cropped mean (zero background, both images)."""
+    from model.metrics import _crop, ssim_map
+
+    rng = np.random.default_rng(4)
+    x, y = np.zeros((40, 45, 30)), np.zeros((40, 45, 30))
+    x[where] = rng.random(x[where].shape)
+    y[where] = np.clip(x[where] + 0.2 * rng.standard_normal(x[where].shape), 0, 1)
+    axes = (0, 1, 2)
+    full = _crop(ssim_map(x, y, 1.0, axes=axes), axes).mean()
+    assert ssim(x, y) == pytest.approx(full, abs=1e-12)
+    assert ssim(np.zeros((12, 12)), np.zeros((12, 12))) == 1.0
