@@ -1,0 +1,105 @@
+"""Losses against hand computations and their defining properties."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.fft import dctn
+
+from model.losses import (adain_kl, dct2, dct_ssim_loss, hinge_d_loss, segmentation_loss, ssim,
+                          structure_aware_loss, style_consistency_loss)
+
+
+def _log_sigmoid(v: float) -> float:
+    return -math.log1p(math.exp(-v))
+
+
+def test_style_consistency_equals_hand_computation():
+    # B = 2 samples, M = 2 modalities, D = 2; stacked order p = (b, j): s(0,0), s(0,1), s(1,0), s(1,1)
+    styles = torch.tensor([[[3.0, 0.0], [0.0, 2.0]],
+                           [[1.0, 1.0], [-1.0, 1.0]]])
+    tau = 2.0
+    vecs = [(1, 0), (0, 1), (1 / math.sqrt(2), 1 / math.sqrt(2)), (-1 / math.sqrt(2), 1 / math.sqrt(2))]
+    mods = [0, 1, 0, 1]
+    total = 0.0
+    for p in range(4):
+        for q in range(4):
+            z = tau * (vecs[p][0] * vecs[q][0] + vecs[p][1] * vecs[q][1])
+            t = 1.0 if mods[p] == mods[q] else 0.0
+            total += t * _log_sigmoid(z) + (1 - t) * _log_sigmoid(-z)
+    expected = -total / 16
+    got = style_consistency_loss(styles, torch.tensor(tau))
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_style_consistency_prefers_modality_clusters_and_grads_reach_tau():
+    clustered = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.9, 0.1], [0.1, 0.9]]])
+    mixed = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.1, 0.9], [0.9, 0.1]]])
+    tau = torch.tensor(5.0, requires_grad=True)
+    good = style_consistency_loss(clustered, tau)
+    assert good < style_consistency_loss(mixed, tau)
+    good.backward()
+    assert tau.grad is not None and tau.grad != 0
+
+
+def test_style_consistency_drops_invalid_codes():
+    styles = torch.randn(2, 3, 8)
+    valid = torch.tensor([[True, False, True], [True, True, False]])
+    kept = styles[valid].reshape(1, 4, 8)  # row-major (b, j) order of the valid ones: mods 0,2,0,1
+    loss = style_consistency_loss(styles, 3.0, valid)
+    s = F.normalize(kept[0], dim=-1)
+    mods = torch.tensor([0, 2, 0, 1])
+    target = (mods[:, None] == mods[None]).float()
+    assert loss.item() == pytest.approx(F.binary_cross_entropy_with_logits(3.0 * s @ s.t(), target).item(), rel=1e-6)
+
+
+def test_dct_is_scipys_orthonormal_dct2():
+    x = np.random.default_rng(0).normal(size=(2, 1, 12, 16)).astype(np.float32)
+    ours = dct2(torch.from_numpy(x)).numpy()
+    assert np.allclose(ours, dctn(x, type=2, norm="ortho", axes=(-2, -1)), atol=1e-4)
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    r = torch.arange(-7, 8, dtype=torch.float32)
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    g = g / g.sum()
+    x = F.conv2d(F.pad(x, (7, 7, 0, 0), mode="reflect"), g.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, 7, 7), mode="reflect"), g.view(1, 1, -1, 1))
+
+
+def test_dct_ssim_loss_is_zero_for_identical_images_and_grows_with_blur():
+    gen = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 48), torch.linspace(-1, 1, 48), indexing="ij")
+    img = ((xx**2 + yy**2) < 0.6).float() - 0.5 * ((xx - 0.2).abs() < 0.1).float()
+    img = (img + 0.1 * torch.randn(48, 48, generator=gen))[None, None]
+    assert dct_ssim_loss(img, img).item() == pytest.approx(0.0, abs=1e-5)
+    losses = [dct_ssim_loss(_blur(img, s), img).item() for s in (0.5, 1.0, 2.0, 4.0)]
+    assert losses[0] > 1e-3
+    assert all(a < b for a, b in zip(losses, losses[1:])), losses
+    assert structure_aware_loss(img, img).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_ssim_properties():
+    x = torch.rand(2, 1, 32, 32)
+    assert torch.allclose(ssim(x, x, 1.0), torch.ones(2), atol=1e-5)
+    assert (ssim(x, x + 0.3 * torch.randn_like(x), 1.0) < 0.9).all()
+
+
+def test_segmentation_loss():
+    target = torch.zeros(1, 4, 8, 8)
+    target[:, 0] = 1
+    target[:, 1, 2:5, 2:5] = 1
+    perfect = (target * 2 - 1) * 20
+    assert segmentation_loss(perfect, target).item() < 1e-3
+    assert segmentation_loss(-perfect, target).item() > 1.5
+
+
+def test_kl_and_gan_losses():
+    assert adain_kl(torch.zeros(3, 5), torch.ones(3, 5)).item() == pytest.approx(0.0, abs=1e-6)
+    assert adain_kl(torch.ones(3, 5), torch.ones(3, 5)).item() == pytest.approx(0.5)
+    assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)).item() == 0.0
+    assert hinge_d_loss(torch.zeros(4), torch.zeros(4)).item() == 1.0

@@ -1,0 +1,63 @@
+"""DDPM forward process and DDIM sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model.config import DiffusionConfig
+from model.scheduler import DDIMScheduler
+
+
+def test_schedule_is_linear_in_sqrt_beta():
+    s = DDIMScheduler(DiffusionConfig())
+    assert s.betas[0].item() == pytest.approx(0.0015) and s.betas[-1].item() == pytest.approx(0.0195)
+    sq = s.betas.sqrt()
+    assert torch.allclose(sq[1:] - sq[:-1], torch.full((999,), (0.0195**0.5 - 0.0015**0.5) / 999, dtype=torch.float64))
+    assert s.alphas_cumprod[-1].item() < 0.01  # z_T is essentially pure noise
+
+
+def test_ddim_timesteps_match_compvis_uniform_spacing():
+    s = DDIMScheduler(DiffusionConfig())
+    ts = s.timesteps(100)
+    assert ts[0] == 991 and ts[-1] == 1 and len(ts) == 100 and all(a - b == 10 for a, b in zip(ts, ts[1:]))
+    assert len(s.timesteps(7)) == 7
+    with pytest.raises(ValueError):
+        s.timesteps(0)
+
+
+@pytest.mark.parametrize("t", [0, 250, 999])
+def test_forward_noising_matches_closed_form_statistically(t):
+    s = DDIMScheduler(DiffusionConfig())
+    gen = torch.Generator().manual_seed(0)
+    n = 200_000
+    z0 = torch.full((n, 1), 0.7)
+    z_t = s.add_noise(z0, torch.randn(n, 1, generator=gen), torch.full((n,), t))
+    abar = s.alphas_cumprod[t].item()
+    se = math.sqrt((1 - abar) / n)
+    assert abs(z_t.mean().item() - math.sqrt(abar) * 0.7) < 5 * se + 1e-6
+    assert z_t.var().item() == pytest.approx(1 - abar, rel=0.02, abs=1e-6)
+
+
+def test_ddim_with_oracle_noise_recovers_the_clean_latent():
+    """On the deterministic path (eta 0), predicting the true noise keeps z_t on q's trajectory: ends at z0."""
+    s = DDIMScheduler(DiffusionConfig())
+    gen = torch.Generator().manual_seed(1)
+    z0, eps = torch.randn(3, 4, 2, 2, generator=gen), torch.randn(3, 4, 2, 2, generator=gen)
+    ts = s.timesteps(20)
+    z = s.add_noise(z0, eps, torch.full((3,), ts[0]))
+    for i, t in enumerate(ts):
+        z, _ = s.step(eps, t, ts[i + 1] if i + 1 < len(ts) else None, z, eta=0.0)
+    assert torch.allclose(z, z0, atol=1e-4)
+
+
+def test_ddim_stochastic_step_needs_noise_and_adds_it():
+    s = DDIMScheduler(DiffusionConfig())
+    z, eps = torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError):
+        s.step(eps, 501, 491, z, eta=1.0)
+    a, _ = s.step(eps, 501, 491, z, eta=1.0, noise=torch.ones_like(z))
+    b, _ = s.step(eps, 501, 491, z, eta=0.0)
+    assert not torch.allclose(a, b)
