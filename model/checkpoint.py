@@ -70,18 +70,23 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> MSG
 
 
 def checkpoint_version(path: str | Path) -> str:
-    """``msgldm-<name>-<sha256[:12]>`` over config.json and the weight files (content, not timestamps)."""
+    """``msgldm-<name>-<sha256[:12]>`` over config.json and the weights' names, dtypes, shapes and values
+    (tensor content, not file bytes: safetensors' header order is not stable between writes)."""
     path = Path(path)
     h = hashlib.sha256()
-    for name in ["config.json", *sorted(WEIGHT_FILES.values())]:
+    cfg = read_config(path)
+    h.update(cfg.to_json().encode())
+    for name in sorted(WEIGHT_FILES.values()):
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} lacks {name}")
+        tensors = load_file(str(f))
         h.update(name.encode())
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return f"msgldm-{read_config(path).name}-{h.hexdigest()[:12]}"
+        for key in sorted(tensors):
+            t = tensors[key].contiguous()
+            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return f"msgldm-{cfg.name}-{h.hexdigest()[:12]}"
 
 
 def init_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> Path:

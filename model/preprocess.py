@@ -128,7 +128,8 @@ def prepare_study(volumes: dict[str, Volume], modalities: Sequence[str], cfg: Pr
         if hi <= lo:
             hi = lo + 1.0
         ranges[m] = (lo, hi)
-        scaled = np.where(mask3, (np.clip(a, lo, hi) - lo) / (hi - lo) * 2.0 - 1.0, -1.0).astype(np.float32)
+        scaled = np.where(mask3, (np.clip(a, lo, hi) - lo) / (hi - lo) * 2.0 - 1.0, -1.0)
+        scaled = np.clip(scaled, -1.0, 1.0).astype(np.float32)  # float rounding may overshoot by 1 ulp
         win = _extract(scaled, window, size, -1.0)[:, :, slice_indices]
         x[:, j] = np.moveaxis(win, 2, 0)
 

@@ -70,6 +70,24 @@ API docs: $BASE/docs   Stop: Ctrl-C
 """
 
 
+def wait_ready(port: int, api: subprocess.Popen[bytes], timeout: float = 180) -> None:
+    """Wait until the API answers and a worker has loaded the model, so the example works when printed."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and api.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=3) as r:
+                if json.load(r).get("ready"):
+                    return
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        time.sleep(1)
+    print("the service is not ready yet; see GET /readyz", file=sys.stderr)
+
+
 def start(name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     print(f"starting {name}: {' '.join(args)}", flush=True)
     return subprocess.Popen(args, cwd=ROOT, env=env)
@@ -88,6 +106,7 @@ def main() -> int:
     worker_cmd = [py, "-m", "celery", "-A", "worker.app", "worker", "-Q", get_settings().broker.inference_queue,
                   "-c", "1", "--loglevel", "INFO", "-n", "local@%h"]
     procs = {"api": start("api", api_cmd, env), "worker": start("worker", worker_cmd, env)}
+    wait_ready(port, procs["api"])
     print(curl_example(port), flush=True)
 
     stopping = False

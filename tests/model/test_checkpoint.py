@@ -1,0 +1,70 @@
+"""Checkpoint directories: round trip, content-hash versions, random init, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.checkpoint import checkpoint_version, init_checkpoint, load_checkpoint, save_checkpoint
+from model.config import load_preset
+from model.errors import CheckpointError
+from model.msgldm import MSGLDM
+
+
+def test_round_trip_gives_identical_outputs(tmp_path, micro_cfg):
+    torch.manual_seed(0)
+    model = MSGLDM(micro_cfg).eval()
+    ema = {k: v + 0.01 for k, v in model.unet.state_dict().items()}
+    save_checkpoint(model, tmp_path / "ck", metrics={"psnr": 1.0}, unet_state=ema)
+    assert {p.name for p in (tmp_path / "ck").iterdir()} == {
+        "config.json", "metrics.json", "autoencoder.safetensors", "structure.safetensors", "unet.safetensors"}
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert loaded.cfg == micro_cfg
+    assert json.loads((tmp_path / "ck" / "metrics.json").read_text()) == {"psnr": 1.0}
+    for k, v in loaded.unet.state_dict().items():
+        assert torch.equal(v, ema[k])  # the EMA weights are what inference uses
+    x = torch.rand(2, 4, 32, 32) * 2 - 1
+    avail = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.equal(model.condition(x, avail), loaded.condition(x, avail))
+        assert torch.equal(model.encode_latents(x), loaded.encode_latents(x))
+
+
+def test_version_is_a_content_hash(tmp_path, micro_cfg):
+    torch.manual_seed(0)
+    model = MSGLDM(micro_cfg)
+    save_checkpoint(model, tmp_path / "a")
+    save_checkpoint(model, tmp_path / "b")
+    va = checkpoint_version(tmp_path / "a")
+    assert va == checkpoint_version(tmp_path / "b") and va.startswith("msgldm-micro-") and len(va) == len("msgldm-micro-") + 12
+    with torch.no_grad():
+        model.unet.conv_in.weight[0, 0, 0, 0] += 1.0
+    save_checkpoint(model, tmp_path / "c")
+    assert checkpoint_version(tmp_path / "c") != va
+
+
+def test_init_checkpoint_is_complete_and_deterministic(tmp_path):
+    a = init_checkpoint("tiny", tmp_path / "a", seed=3)
+    b = init_checkpoint("tiny", tmp_path / "b", seed=3)
+    assert checkpoint_version(a) == checkpoint_version(b)
+    model = load_checkpoint(a)
+    assert model.cfg == load_preset("tiny")
+    assert json.loads((a / "metrics.json").read_text())["trained"] is False
+    assert sum(f.stat().st_size for f in a.iterdir()) < 30e6
+
+
+def test_broken_checkpoints_raise_named_errors(tmp_path, micro_cfg):
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_checkpoint(tmp_path)
+    save_checkpoint(MSGLDM(micro_cfg), tmp_path / "ck")
+    (tmp_path / "ck" / "unet.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="unet.safetensors"):
+        load_checkpoint(tmp_path / "ck")
+    save_checkpoint(MSGLDM(micro_cfg), tmp_path / "ck2")
+    cfg = json.loads((tmp_path / "ck2" / "config.json").read_text())
+    cfg["unet"]["base_channels"] = 32
+    (tmp_path / "ck2" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_checkpoint(tmp_path / "ck2")

@@ -1,0 +1,116 @@
+"""Training: the slice dataset, the masking sampler, and three stages that train, get interrupted and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import model.train as train_mod
+from model.checkpoint import load_checkpoint
+from model.data import find_cases
+from model.dataset import ModalityMasker, SliceDataset
+
+from .conftest import LPS, MODS, micro_config, synthetic_study
+
+
+def write_brats2021_case(root: Path, idx: int) -> Path:
+    case = f"BraTS2021_{idx:05d}"
+    folder = root / case
+    folder.mkdir(parents=True)
+    study = synthetic_study(LPS, seed=idx)
+    for m in MODS:
+        nib.save(nib.Nifti1Image(study[m].data, LPS), str(folder / f"{case}_{m}.nii.gz"))
+    seg = np.zeros(study["t1"].shape, dtype=np.int16)
+    seg[22:28, 18:24, 4:8] = 2
+    seg[24:26, 20:22, 5:7] = 4
+    nib.save(nib.Nifti1Image(seg, LPS), str(folder / f"{case}_seg.nii.gz"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("brats2021")
+    for i in range(2):
+        write_brats2021_case(root, i)
+    return root
+
+
+def test_slice_dataset_items(dataset_root):
+    cfg = micro_config()
+    ds = SliceDataset(find_cases(dataset_root), cfg)
+    item = ds[0]
+    assert item["x"].shape == (4, 32, 32) and item["x"].dtype == torch.float32
+    assert item["present"].tolist() == [True] * 4
+    assert item["seg"].shape == (4, 32, 32) and bool(item["has_seg"])
+    seg = ds.seg.float()
+    assert seg[:, 1].sum() > 0 and seg[:, 3].sum() > 0  # WT and ET labels made it into slice space
+    assert ((seg[:, 3] <= seg[:, 2]) & (seg[:, 2] <= seg[:, 1])).all()  # ET in TC in WT
+    assert torch.equal(seg[:, 0].bool(), ~seg[:, 1].bool())
+    assert len({cid for cid, _ in ds.origin}) == 2
+
+
+def test_masker_draws_non_empty_subsets_of_the_present_modalities():
+    masker = ModalityMasker(torch.Generator().manual_seed(0))
+    present = torch.ones(4000, 4, dtype=torch.bool)
+    present[:1000, 1] = False
+    avail = masker(present)
+    assert (avail.sum(1) >= 1).all() and not (avail & ~present).any()
+    counts = torch.bincount(avail[1000:].sum(1), minlength=5)[1:].float() / 3000  # uniform over 1..4
+    assert torch.allclose(counts, torch.full((4,), 0.25), atol=0.04)
+    assert not avail[:1000, 1].any()
+
+
+def _args(preset: Path, data: Path, out: Path, steps: str) -> list[str]:
+    return ["--preset", str(preset), "--stage", "all", "--data", str(data), "--out", str(out), "--max-steps", steps,
+            "--val-fraction", "0.5", "--threads", "1", "--seed", "0"]
+
+
+def test_three_stages_train_get_interrupted_and_resume(tmp_path, dataset_root, monkeypatch):
+    preset = tmp_path / "micro.yaml"
+    preset.write_text(yaml.safe_dump(json.loads(micro_config().to_json())))
+    out = tmp_path / "run"
+    calls: list[tuple[int, int]] = []
+
+    def interrupt(stage: int, step: int) -> None:
+        calls.append((stage, step))
+        if (stage, step) == (2, 2):
+            raise KeyboardInterrupt  # killed in the middle of stage 2
+
+    monkeypatch.setattr(train_mod, "STEP_HOOK", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.main(_args(preset, dataset_root, out, "2,2,4"))
+    assert calls == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
+    assert [torch.load(out / f"stage{k}.pt", weights_only=False)["step"] for k in range(3)] == [2, 2, 2]
+    assert not (out / "model").exists()
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["train"]) == 1 and len(split["val"]) == 1 and not set(split["train"]) & set(split["val"])
+
+    calls.clear()
+    monkeypatch.setattr(train_mod, "STEP_HOOK", lambda stage, step: calls.append((stage, step)))
+    dest = train_mod.main(_args(preset, dataset_root, out, "2,2,4"))
+    assert calls == [(2, 3), (2, 4)]  # stages 0-1 were done; stage 2 resumed at step 2
+    assert dest == out / "model"
+    model = load_checkpoint(dest)
+    metrics = json.loads((dest / "metrics.json").read_text())
+    assert metrics["steps"] == {"stage0": 2, "stage1": 2, "stage2": 4}
+    assert model.cfg.train_spacing is not None
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {(r["stage"], r["split"]) for r in records} >= {(s, "train") for s in range(3)} | {(s, "val") for s in range(3)}
+    assert all(np.isfinite(r["loss"]) for r in records if r["split"] == "train")
+    # the stage-2 weights in the export are the EMA ones
+    ema = torch.load(out / "stage2.pt", weights_only=False)["ema"]
+    assert all(torch.equal(v, ema[k]) for k, v in model.unet.state_dict().items())
+
+
+def test_stage_two_alone_needs_the_earlier_stages(tmp_path, dataset_root):
+    preset = tmp_path / "micro.yaml"
+    preset.write_text(yaml.safe_dump(json.loads(micro_config().to_json())))
+    with pytest.raises(SystemExit, match="stage 0"):
+        train_mod.main(["--preset", str(preset), "--stage", "2", "--data", str(dataset_root),
+                        "--out", str(tmp_path / "r"), "--max-steps", "1"])
