@@ -23,6 +23,11 @@ def migrate(revision: str = "head") -> None:
     command.upgrade(Config(str(root / "alembic.ini")), revision)
 
 
+def migrate_command(_: argparse.Namespace) -> int:
+    migrate()
+    return 0
+
+
 def keys_create(args: argparse.Namespace) -> int:
     expires = utcnow() + timedelta(days=args.days) if args.days else None
     with session_scope() as session:
@@ -56,7 +61,7 @@ def keys_revoke(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m api.cli", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=lambda a: migrate() or 0)
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=migrate_command)
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create", help="create a key and print it once")
     create.add_argument("--name", required=True, help="who or what uses the key")

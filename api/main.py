@@ -7,10 +7,10 @@ import logging
 from fastapi import FastAPI
 
 from api import errors
+from api.core.settings import get_settings
 from api.limits import BodySizeLimit
 from api.metrics import MetricsMiddleware
 from api.routes import health, jobs, synthesize
-from api.core.settings import get_settings
 
 DESCRIPTION = """
 Fills in a missing brain MRI sequence (T1, T2, T1CE or FLAIR) with MSG-LDM, a multiscale structure-guided

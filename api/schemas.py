@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-JOB_EXAMPLE = {
+JOB_EXAMPLE: dict[str, Any] = {
     "id": "3b0c1a52-8f4e-4c55-9a51-2f1d7c9e4b10",
     "status": "succeeded",
     "phase": "done",
@@ -88,7 +89,7 @@ class Problem(BaseModel):
     instance: str | None = None
 
 
-PROBLEM_RESPONSES: dict[int | str, dict] = {
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "missing, invalid or expired API key"},
     403: {"model": Problem, "description": "the key's role may not do this"},
     503: {"model": Problem, "description": "a dependency is down; retry after Retry-After seconds"},

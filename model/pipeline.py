@@ -142,7 +142,7 @@ class Synthesizer:
             for k in range(samples):
                 def on_step(i: int, total: int, k: int = k) -> None:
                     if progress is not None:
-                        progress("denoise", lo + (hi - lo) * (k * total + i) / (samples * total))
+                        progress("denoise", min(hi, lo + (hi - lo) * (k * total + i) / (samples * total)))
 
                 sample_seed = int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0])
                 latents.append(self.model.denoise(

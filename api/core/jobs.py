@@ -150,7 +150,8 @@ def reap_expired(session: Session, *, max_attempts: int, now: datetime | None = 
         select(Job.id, Job.attempts, Job.fencing_token, Job.cancel_requested)
         .where(Job.status == JobStatus.running, Job.lease_expires_at < now)
     ).all()
-    requeued, failed = [], []
+    requeued: list[str] = []
+    failed: list[str] = []
     for job_id, attempts, token, cancel in expired:
         guard = update(Job).where(Job.id == job_id, Job.fencing_token == token, Job.status == JobStatus.running)
         if cancel:

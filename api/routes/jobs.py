@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
@@ -23,7 +23,7 @@ from api.errors import ProblemError
 from api.schemas import JOB_EXAMPLE, PROBLEM_RESPONSES, JobError, JobList, JobPublic, Problem
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
-NOT_FOUND = {404: {"model": Problem, "description": "no such job (or not yours)"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "no such job (or not yours)"}}
 MEDIA_TYPES = {".nii.gz": "application/gzip", ".json": "application/json", ".zip": "application/zip",
                ".png": "image/png", ".html": "text/html"}
 

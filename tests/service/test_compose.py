@@ -66,7 +66,7 @@ def test_health_checks_and_start_order():
 def test_environment_names_are_settings_fields():
     seen = set()
     for name, service in SERVICES.items():
-        for key, value in (service.get("environment") or {}).items():
+        for key in service.get("environment") or {}:
             if not key.startswith("MSGLDM_"):
                 continue
             seen.add(key)

@@ -1,0 +1,143 @@
+"""The service's entry point: reference grid, seeds, progress and cancellation, errors, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import save_checkpoint
+from model.errors import StudyGeometryError, TargetError, UnknownModalityError
+from model.io.volume import Volume
+from model.msgldm import MSGLDM
+from model.pipeline import Synthesizer
+
+from .conftest import LPS, micro_config, synthetic_study
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = MSGLDM(micro_config())
+    with torch.no_grad():  # a non-trivial denoiser, so samples depend on the seed
+        torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
+    return save_checkpoint(model, tmp_path_factory.mktemp("ck") / "micro")
+
+
+@pytest.fixture(scope="module")
+def synth(checkpoint):
+    torch.set_num_threads(1)
+    return Synthesizer.from_pretrained(checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def study():
+    full = synthetic_study(LPS, shape=(40, 44, 10))
+    return {"t1": full["t1"], "t2": full["t2"]}
+
+
+def test_attributes(synth):
+    assert synth.modalities == ("t1", "t2", "t1ce", "flair")
+    assert synth.default_steps == 3 and synth.version.startswith("msgldm-micro-")
+    assert synth.device.type == "cpu" and synth.chunk_size == 4
+
+
+def test_returns_the_reference_grid_and_unit_range(synth, study):
+    res = synth.synthesize(study, ["flair", "t1c"], steps=2, seed=0)
+    assert set(res.volumes) == {"flair", "t1ce"} and res.uncertainty is None
+    brain = study["t1"].data > 0
+    for vol in res.volumes.values():
+        assert vol.shape == (40, 44, 10) and np.array_equal(vol.affine, LPS)
+        assert vol.data.dtype == np.float32 and vol.data.min() >= 0 and vol.data.max() <= 1
+        assert (vol.data[~brain] == 0).all() and vol.data[brain].std() > 0
+    assert set(res.timings) == {"preprocess", "encode", "denoise", "decode", "postprocess", "total"}
+    assert res.meta["available"] == ["t1", "t2"] and res.meta["reference"] == "t1" and res.meta["steps"] == 2
+
+
+def test_seed_makes_it_deterministic(synth, study):
+    a = synth.synthesize(study, ["flair"], steps=2, seed=5).volumes["flair"].data
+    b = synth.synthesize(study, ["flair"], steps=2, seed=5).volumes["flair"].data
+    c = synth.synthesize(study, ["flair"], steps=2, seed=6).volumes["flair"].data
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_chunk_size_does_not_change_the_output(checkpoint, synth, study):
+    other = Synthesizer.from_pretrained(checkpoint, device="cpu", chunk_size=3)
+    a = synth.synthesize(study, ["flair"], steps=2, seed=1).volumes["flair"].data
+    b = other.synthesize(study, ["flair"], steps=2, seed=1).volumes["flair"].data
+    assert np.allclose(a, b, atol=1e-5)
+
+
+def test_progress_reports_every_phase_and_step(synth, study):
+    calls: list[tuple[str, float]] = []
+    synth.synthesize(study, ["flair"], steps=3, samples=2, progress=lambda p, f: calls.append((p, f)))
+    phases = [p for p, _ in calls]
+    assert [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p] == \
+        ["preprocess", "encode", "denoise", "decode", "postprocess"]
+    assert phases.count("denoise") == 1 + 3 * 2  # phase start + every step of both samples
+    fractions = [f for _, f in calls]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+
+
+def test_an_exception_in_progress_stops_the_synthesis(synth, study):
+    calls: list[tuple[str, float]] = []
+
+    class Cancelled(Exception):
+        pass
+
+    def progress(phase: str, fraction: float) -> None:
+        calls.append((phase, fraction))
+        if phase == "denoise" and len([c for c in calls if c[0] == "denoise"]) == 3:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        synth.synthesize(study, ["flair"], steps=5, progress=progress)
+    assert calls[-1][0] == "denoise" and not any(p in ("decode", "postprocess") for p, _ in calls)
+
+
+def test_samples_give_an_uncertainty_map(synth, study):
+    res = synth.synthesize(study, ["t1ce"], steps=2, samples=3, seed=0)
+    std = res.uncertainty["t1ce"]
+    assert std.shape == (40, 44, 10) and np.array_equal(std.affine, LPS)
+    assert std.data.max() > 0 and (std.data[study["t1"].data == 0] == 0).all()
+
+
+def test_errors(synth, study):
+    with pytest.raises(UnknownModalityError):
+        synth.synthesize(study, ["dwi"])
+    with pytest.raises(UnknownModalityError):
+        synth.synthesize({**study, "pd": study["t1"]}, ["flair"])
+    with pytest.raises(TargetError, match="also an input"):
+        synth.synthesize(study, ["t1"])
+    with pytest.raises(TargetError):
+        synth.synthesize(study, [])
+    bad = Volume(study["t2"].data[:, :-1], LPS)
+    with pytest.raises(StudyGeometryError):
+        synth.synthesize({"t1": study["t1"], "t2": bad}, ["flair"])
+    assert issubclass(TargetError, ValueError) and issubclass(StudyGeometryError, ValueError)
+
+
+def test_segment_returns_region_probabilities_on_the_grid(synth, study):
+    seg = synth.segment(study)
+    assert set(seg) == {"WT", "TC", "ET"}
+    assert all(v.shape == (40, 44, 10) and 0 <= v.data.min() and v.data.max() <= 1 for v in seg.values())
+
+
+def test_cli(tmp_path, checkpoint, study, capsys):
+    from model.synthesize import main
+
+    paths = []
+    for m, vol in study.items():
+        paths.append(f"{m}={tmp_path / f'{m}.nii.gz'}")
+        nib.save(nib.Nifti1Image(vol.data, vol.affine), str(tmp_path / f"{m}.nii.gz"))
+    args = ["--checkpoint", str(checkpoint), *[a for p in paths for a in ("--input", p)], "--target", "flair",
+            "--out", str(tmp_path / "out"), "--steps", "2", "--samples", "2", "--device", "cpu"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    img = nib.load(str(tmp_path / "out" / "flair.nii.gz"))
+    assert img.shape == (40, 44, 10) and np.allclose(img.affine, LPS)
+    assert (tmp_path / "out" / "flair_std.nii.gz").is_file() and summary["steps"] == 2
