@@ -14,15 +14,31 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "MSGLDM", "MSGLDMConfig", "PreparedStudy", "SynthesisResult", "Synthesizer", "init_checkpoint",
-    "load_checkpoint", "load_preset", "prepare_study", "restore_volume", "save_checkpoint",
+    "MSGLDM",
+    "MSGLDMConfig",
+    "PreparedStudy",
+    "SynthesisResult",
+    "Synthesizer",
+    "init_checkpoint",
+    "load_checkpoint",
+    "load_preset",
+    "prepare_study",
+    "restore_volume",
+    "save_checkpoint",
 ]
 
 _LAZY = {
-    "MSGLDM": "model.msgldm", "MSGLDMConfig": "model.config", "load_preset": "model.config",
-    "PreparedStudy": "model.preprocess", "prepare_study": "model.preprocess", "restore_volume": "model.preprocess",
-    "SynthesisResult": "model.pipeline", "Synthesizer": "model.pipeline",
-    "init_checkpoint": "model.checkpoint", "load_checkpoint": "model.checkpoint", "save_checkpoint": "model.checkpoint",
+    "MSGLDM": "model.msgldm",
+    "MSGLDMConfig": "model.config",
+    "load_preset": "model.config",
+    "PreparedStudy": "model.preprocess",
+    "prepare_study": "model.preprocess",
+    "restore_volume": "model.preprocess",
+    "SynthesisResult": "model.pipeline",
+    "Synthesizer": "model.pipeline",
+    "init_checkpoint": "model.checkpoint",
+    "load_checkpoint": "model.checkpoint",
+    "save_checkpoint": "model.checkpoint",
 }
 
 

@@ -9,10 +9,15 @@ a diagonal-Gaussian posterior (Rombach et al. 2022). Images are ``(B, 1, H, W)``
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import AutoencoderConfig
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -131,10 +136,15 @@ class VectorQuantizer(nn.Module):
             self.embed_avg.copy_(self.codebook.weight.data)
             self.cluster_size.fill_(1.0)
             self.initialized.fill_(1.0)
+            self._sync_from_rank0()
             return
         onehot = F.one_hot(idx, k).to(flat.dtype)
-        self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
-        self.embed_avg.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
+        counts, sums = onehot.sum(0), onehot.t() @ flat
+        if _distributed():  # under DDP every rank applies the same, global statistics
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
         size = (self.cluster_size + 1e-5) / (n + k * 1e-5) * n
         self.codebook.weight.data.copy_(self.embed_avg / size[:, None])
@@ -144,6 +154,12 @@ class VectorQuantizer(nn.Module):
             self.codebook.weight.data[dead] = flat[pick]
             self.embed_avg[dead] = flat[pick]
             self.cluster_size[dead] = 1.0
+            self._sync_from_rank0()
+
+    def _sync_from_rank0(self) -> None:
+        if _distributed():
+            for t in (self.codebook.weight.data, self.embed_avg, self.cluster_size):
+                dist.broadcast(t, src=0)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z (B, D, h, w) -> (z_q, codebook loss, code indices (B, h, w))."""
@@ -154,8 +170,11 @@ class VectorQuantizer(nn.Module):
         idx = dist.argmin(1)
         if self.update == "ema" and self.training:
             self._ema_update(flat.detach(), idx)
-            idx = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.weight.float().t()
-                   + self.codebook.weight.float().pow(2).sum(1)[None]).argmin(1)
+            idx = (
+                flat.pow(2).sum(1, keepdim=True)
+                - 2 * flat @ self.codebook.weight.float().t()
+                + self.codebook.weight.float().pow(2).sum(1)[None]
+            ).argmin(1)
         z_q = self.codebook(idx).view(b, h, w, d).permute(0, 3, 1, 2).to(z.dtype)
         loss = self.beta * F.mse_loss(z_q.detach(), z)
         if self.update == "loss":
@@ -175,8 +194,11 @@ class Autoencoder(nn.Module):
         self.quant_conv = nn.Conv2d(2 * z if cfg.kind == "kl" else z, 2 * z if cfg.kind == "kl" else z, 1)
         self.post_quant_conv = nn.Conv2d(z, z, 1)
         self.decoder = Decoder(cfg)
-        self.quantizer = VectorQuantizer(cfg.codebook_size, z, cfg.commitment_beta, cfg.codebook_update,
-                                         cfg.codebook_decay) if cfg.kind == "vq" else None
+        self.quantizer = (
+            VectorQuantizer(cfg.codebook_size, z, cfg.commitment_beta, cfg.codebook_update, cfg.codebook_decay)
+            if cfg.kind == "vq"
+            else None
+        )
 
     def encode(self, x: torch.Tensor, sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Image ``(B, 1, H, W)`` -> (latent ``(B, z, H/f, W/f)``, regulariser loss).
@@ -221,7 +243,7 @@ class PatchDiscriminator(nn.Module):
         seq: list[nn.Module] = [nn.Conv2d(1, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         c = channels
         for n in range(1, layers + 1):
-            c_out = channels * min(2 ** n, 8)
+            c_out = channels * min(2**n, 8)
             stride = 2 if n < layers else 1
             seq += [nn.Conv2d(c, c_out, 4, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
             c = c_out

@@ -20,16 +20,20 @@ from model.config import MSGLDMConfig, load_preset
 from model.errors import CheckpointError
 from model.msgldm import MSGLDM
 
-WEIGHT_FILES = {"autoencoder": "autoencoder.safetensors", "structure": "structure.safetensors",
-                "unet": "unet.safetensors"}
+WEIGHT_FILES = {
+    "autoencoder": "autoencoder.safetensors",
+    "structure": "structure.safetensors",
+    "unet": "unet.safetensors",
+}
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-def save_checkpoint(model: MSGLDM, out_dir: str | Path, metrics: dict | None = None,
-                    unet_state: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    model: MSGLDM, out_dir: str | Path, metrics: dict | None = None, unet_state: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Write ``model`` (with ``unet_state``, e.g. the EMA weights, in place of its UNet's) to ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -37,8 +41,11 @@ def save_checkpoint(model: MSGLDM, out_dir: str | Path, metrics: dict | None = N
     meta = {"format": "msgldm", "config": "config.json"}
     save_file(_contiguous(model.autoencoder.state_dict()), str(out / WEIGHT_FILES["autoencoder"]), metadata=meta)
     save_file(_contiguous(model.structure.state_dict()), str(out / WEIGHT_FILES["structure"]), metadata=meta)
-    save_file(_contiguous(unet_state if unet_state is not None else model.unet.state_dict()),
-              str(out / WEIGHT_FILES["unet"]), metadata={**meta, "ema": str(unet_state is not None)})
+    save_file(
+        _contiguous(unet_state if unet_state is not None else model.unet.state_dict()),
+        str(out / WEIGHT_FILES["unet"]),
+        metadata={**meta, "ema": str(unet_state is not None)},
+    )
     (out / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True) + "\n")
     return out
 

@@ -28,8 +28,10 @@ def canonical_modality(name: str) -> str:
     key = str(name).strip().lower()
     key = MODALITY_ALIASES.get(key, key)
     if key not in KNOWN_MODALITIES:
-        raise UnknownModalityError(f"unknown modality {name!r}: expected one of {', '.join(KNOWN_MODALITIES)} "
-                                   f"(or an alias: {', '.join(MODALITY_ALIASES)})")
+        raise UnknownModalityError(
+            f"unknown modality {name!r}: expected one of {', '.join(KNOWN_MODALITIES)} "
+            f"(or an alias: {', '.join(MODALITY_ALIASES)})"
+        )
     return key
 
 
@@ -50,8 +52,10 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         lo, hi = self.clip_percentiles
         _check(0 <= lo < hi <= 100, f"clip_percentiles must satisfy 0 <= lo < hi <= 100, got {self.clip_percentiles}")
-        _check(self.image_size >= 8 and self.image_size % 8 == 0,
-               f"image_size must be a positive multiple of 8, got {self.image_size}")
+        _check(
+            self.image_size >= 8 and self.image_size % 8 == 0,
+            f"image_size must be a positive multiple of 8, got {self.image_size}",
+        )
 
 
 @dataclass(frozen=True)
@@ -85,11 +89,16 @@ class AutoencoderConfig:
     def __post_init__(self) -> None:
         _check(self.kind in ("vq", "kl"), f"autoencoder.kind must be 'vq' or 'kl', got {self.kind!r}")
         _check(len(self.channel_mult) >= 2, f"autoencoder.channel_mult needs >= 2 levels, got {self.channel_mult}")
-        _check(all((self.base_channels * m) % min(self.norm_groups, self.base_channels * m) == 0
-                   for m in self.channel_mult),
-               f"autoencoder widths {[self.base_channels * m for m in self.channel_mult]} must be divisible by "
-               f"norm_groups={self.norm_groups}")
-        _check(self.perceptual in ("ssim", "none"), f"autoencoder.perceptual must be ssim|none, got {self.perceptual!r}")
+        _check(
+            all(
+                (self.base_channels * m) % min(self.norm_groups, self.base_channels * m) == 0 for m in self.channel_mult
+            ),
+            f"autoencoder widths {[self.base_channels * m for m in self.channel_mult]} must be divisible by "
+            f"norm_groups={self.norm_groups}",
+        )
+        _check(
+            self.perceptual in ("ssim", "none"), f"autoencoder.perceptual must be ssim|none, got {self.perceptual!r}"
+        )
 
     @property
     def downsample_factor(self) -> int:
@@ -131,10 +140,17 @@ class StructureConfig:
 
     def __post_init__(self) -> None:
         _check(len(self.channels) >= 2, f"structure.channels needs >= 2 scales, got {self.channels}")
-        _check(self.hfib_fusion in ("add", "concat"), f"structure.hfib_fusion must be add|concat, got {self.hfib_fusion!r}")
-        _check(self.channels[-1] % self.msse_heads == 0,
-               f"structure.channels[-1]={self.channels[-1]} must be divisible by msse_heads={self.msse_heads}")
-        _check(1.0 <= self.tau_init <= self.tau_max, f"structure.tau_init={self.tau_init} must lie in [1, tau_max={self.tau_max}]")
+        _check(
+            self.hfib_fusion in ("add", "concat"), f"structure.hfib_fusion must be add|concat, got {self.hfib_fusion!r}"
+        )
+        _check(
+            self.channels[-1] % self.msse_heads == 0,
+            f"structure.channels[-1]={self.channels[-1]} must be divisible by msse_heads={self.msse_heads}",
+        )
+        _check(
+            1.0 <= self.tau_init <= self.tau_max,
+            f"structure.tau_init={self.tau_init} must lie in [1, tau_max={self.tau_max}]",
+        )
 
     @property
     def downsample_factor(self) -> int:
@@ -154,11 +170,16 @@ class UNetConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(all(0 <= lvl < len(self.channel_mult) for lvl in self.attention_levels),
-               f"unet.attention_levels {self.attention_levels} must index channel_mult {self.channel_mult}")
+        _check(
+            all(0 <= lvl < len(self.channel_mult) for lvl in self.attention_levels),
+            f"unet.attention_levels {self.attention_levels} must index channel_mult {self.channel_mult}",
+        )
         widths = [self.base_channels * m for m in self.channel_mult]
-        _check(all(w % min(self.norm_groups, w) == 0 and w % self.head_channels == 0 for w in widths),
-               f"unet widths {widths} must be divisible by norm_groups={self.norm_groups} and head_channels={self.head_channels}")
+        _check(
+            all(w % min(self.norm_groups, w) == 0 and w % self.head_channels == 0 for w in widths),
+            f"unet widths {widths} must be divisible by norm_groups={self.norm_groups} "
+            f"and head_channels={self.head_channels}",
+        )
 
 
 @dataclass(frozen=True)
@@ -179,10 +200,15 @@ class DiffusionConfig:
     replace_known: bool = False  # inpainting-style: known modalities' latents replaced by their noised truth
 
     def __post_init__(self) -> None:
-        _check(0 < self.beta_start < self.beta_end < 1, f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+        _check(
+            0 < self.beta_start < self.beta_end < 1,
+            f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}",
+        )
         _check(self.beta_schedule in ("scaled_linear", "linear"), f"unknown beta_schedule {self.beta_schedule!r}")
-        _check(1 <= self.default_steps <= self.num_train_timesteps,
-               f"default_steps={self.default_steps} must lie in [1, {self.num_train_timesteps}]")
+        _check(
+            1 <= self.default_steps <= self.num_train_timesteps,
+            f"default_steps={self.default_steps} must lie in [1, {self.num_train_timesteps}]",
+        )
         _check(0.0 <= self.eta <= 1.0, f"eta must lie in [0, 1], got {self.eta}")
 
 
@@ -227,15 +253,21 @@ class MSGLDMConfig:
         mods = tuple(canonical_modality(m) for m in self.modalities)
         _check(len(set(mods)) == len(mods), f"modalities must be distinct, got {self.modalities}")
         object.__setattr__(self, "modalities", mods)
-        _check(self.autoencoder.downsample_factor == self.structure.downsample_factor,
-               f"the autoencoder downsamples by {self.autoencoder.downsample_factor} "
-               f"(channel_mult {self.autoencoder.channel_mult}) but the structure encoder by "
-               f"{self.structure.downsample_factor} (channels {self.structure.channels}): F_s must match the latent grid")
-        _check(self.preprocess.image_size % self.autoencoder.downsample_factor == 0,
-               f"image_size {self.preprocess.image_size} not divisible by {self.autoencoder.downsample_factor}")
+        _check(
+            self.autoencoder.downsample_factor == self.structure.downsample_factor,
+            f"the autoencoder downsamples by {self.autoencoder.downsample_factor} "
+            f"(channel_mult {self.autoencoder.channel_mult}) but the structure encoder by "
+            f"{self.structure.downsample_factor} (channels {self.structure.channels}): F_s must match the latent grid",
+        )
+        _check(
+            self.preprocess.image_size % self.autoencoder.downsample_factor == 0,
+            f"image_size {self.preprocess.image_size} not divisible by {self.autoencoder.downsample_factor}",
+        )
         latent = self.preprocess.image_size // self.autoencoder.downsample_factor
-        _check(latent % 2 ** (len(self.unet.channel_mult) - 1) == 0,
-               f"latent size {latent} not divisible by the UNet's {2 ** (len(self.unet.channel_mult) - 1)}")
+        _check(
+            latent % 2 ** (len(self.unet.channel_mult) - 1) == 0,
+            f"latent size {latent} not divisible by the UNet's {2 ** (len(self.unet.channel_mult) - 1)}",
+        )
 
     # ------------------------------------------------------------------ (de)serialisation
 
@@ -283,7 +315,6 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"unknown config key(s) {unknown} in {where or '<root>'}; known: {sorted(known)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        f = known[name]
         sub = _SECTIONS.get(name) if cls is MSGLDMConfig else None
         if sub is not None:
             kwargs[name] = _build(sub, value, f"{where}{name}.")
@@ -294,8 +325,14 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-_SECTIONS = {"preprocess": PreprocessConfig, "autoencoder": AutoencoderConfig, "structure": StructureConfig,
-             "unet": UNetConfig, "diffusion": DiffusionConfig, "train": TrainConfig}
+_SECTIONS = {
+    "preprocess": PreprocessConfig,
+    "autoencoder": AutoencoderConfig,
+    "structure": StructureConfig,
+    "unet": UNetConfig,
+    "diffusion": DiffusionConfig,
+    "train": TrainConfig,
+}
 
 
 def load_preset(name_or_path: str | Path) -> MSGLDMConfig:

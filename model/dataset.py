@@ -66,8 +66,13 @@ class SliceDataset(Dataset):
         return self.x.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"x": self.x[i].float(), "present": self.present[i], "seg": self.seg[i].float(),
-                "has_seg": self.has_seg[i], "index": torch.tensor(i)}
+        return {
+            "x": self.x[i].float(),
+            "present": self.present[i],
+            "seg": self.seg[i].float(),
+            "has_seg": self.has_seg[i],
+            "index": torch.tensor(i),
+        }
 
 
 class ModalityMasker:

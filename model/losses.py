@@ -16,8 +16,15 @@ def _gaussian_window(size: int, sigma: float, device: torch.device, dtype: torch
     return g / g.sum()
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float | torch.Tensor = 2.0, window: int = 11,
-         sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+def ssim(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    data_range: float | torch.Tensor = 2.0,
+    window: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
     """Mean SSIM per image (Wang et al. 2004), Gaussian window, valid filtering. ``x, y (B, C, H, W)`` -> ``(B,)``.
 
     ``data_range`` is a scalar or a ``(B,)`` tensor. The window shrinks to the image for small images.
@@ -73,8 +80,9 @@ def structure_aware_loss(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------- stage 1
 
 
-def style_consistency_loss(styles: torch.Tensor, tau: torch.Tensor | float,
-                           valid: torch.Tensor | None = None) -> torch.Tensor:
+def style_consistency_loss(
+    styles: torch.Tensor, tau: torch.Tensor | float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """The paper's style-consistency loss.
 
     ``styles (B, M, D)``: the M*B style codes are L2-normalised, ``z_pq = tau * s_p . s_q`` and
@@ -91,8 +99,9 @@ def style_consistency_loss(styles: torch.Tensor, tau: torch.Tensor | float,
     return F.binary_cross_entropy_with_logits(z, target, reduction="mean")
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 1.0,
-                      eps: float = 1e-5) -> torch.Tensor:
+def segmentation_loss(
+    logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 1.0, eps: float = 1e-5
+) -> torch.Tensor:
     """``L_seg = bce_weight * BCE + (1 - soft Dice)`` over all channels (sigmoid outputs)."""
     target = target.float()
     bce = F.binary_cross_entropy_with_logits(logits.float(), target)
@@ -117,8 +126,9 @@ def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                        max_weight: float = 1e4) -> torch.Tensor:
+def adaptive_gan_weight(
+    rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
     """``lambda = ||grad_L rec|| / (||grad_L g|| + 1e-4)`` at the decoder's last layer (Esser et al. 2021, Eq. 7)."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]

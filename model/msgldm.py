@@ -61,9 +61,13 @@ class MSGLDM(nn.Module):
 
     # ------------------------------------------------------------------ stage 2
 
-    def diffusion_training_loss(self, x: torch.Tensor, available: torch.Tensor,
-                                generator: torch.Generator | None = None,
-                                z0: torch.Tensor | None = None) -> torch.Tensor:
+    def diffusion_training_loss(
+        self,
+        x: torch.Tensor,
+        available: torch.Tensor,
+        generator: torch.Generator | None = None,
+        z0: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Paper Eq. 1 with the frozen stages 0-1:
 
         1. ``z0`` = latents of all M modalities (the joint target), ``f_s`` from the available ones;
@@ -78,10 +82,19 @@ class MSGLDM(nn.Module):
         z_t = self.scheduler.add_noise(z0, eps, t)
         return diffusion_loss(self.unet(z_t, t, f_s), eps)
 
-    def denoise(self, f_s: torch.Tensor, steps: int, *, eta: float | None = None, seed: int = 0,
-                chunk_size: int = 64, z0_known: torch.Tensor | None = None, known: torch.Tensor | None = None,
-                callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """DDIM reverse diffusion for a whole stack of slices, in chunks: ``f_s (S, C_s, h, w)`` -> ``z0 (S, 4M, h, w)``.
+    def denoise(
+        self,
+        f_s: torch.Tensor,
+        steps: int,
+        *,
+        eta: float | None = None,
+        seed: int = 0,
+        chunk_size: int = 64,
+        z0_known: torch.Tensor | None = None,
+        known: torch.Tensor | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """DDIM reverse diffusion for a stack of slices, in chunks: ``f_s (S, C_s, h, w)`` -> ``z0 (S, 4M, h, w)``.
 
         1. ``z_T ~ N(0, I)`` and every step's noise are drawn on the CPU from ``seed`` for the whole stack (results
            do not depend on the device or the chunk size);
@@ -118,13 +131,28 @@ class MSGLDM(nn.Module):
         return z
 
     @torch.no_grad()
-    def sample(self, x: torch.Tensor, available: torch.Tensor, steps: int | None = None, *, seed: int = 0,
-               eta: float | None = None, replace_known: bool | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        x: torch.Tensor,
+        available: torch.Tensor,
+        steps: int | None = None,
+        *,
+        seed: int = 0,
+        eta: float | None = None,
+        replace_known: bool | None = None,
+    ) -> torch.Tensor:
         """All M modalities ``(B, M, H, W)`` in [-1, 1] from the available ones (small batches; see pipeline)."""
         steps = steps or self.cfg.diffusion.default_steps
         replace_known = self.cfg.diffusion.replace_known if replace_known is None else replace_known
         f_s = self.condition(x, available)
         z0_known = self.encode_latents(x) if replace_known else None
-        z = self.denoise(f_s, steps, eta=eta, seed=seed, chunk_size=x.shape[0], z0_known=z0_known,
-                         known=available if replace_known else None)
+        z = self.denoise(
+            f_s,
+            steps,
+            eta=eta,
+            seed=seed,
+            chunk_size=x.shape[0],
+            z0_known=z0_known,
+            known=available if replace_known else None,
+        )
         return self.decode_latents(z)

@@ -1,8 +1,8 @@
 """What the service worker calls: a loaded checkpoint that turns a study (Volumes) into the missing sequences.
 
-    synth = Synthesizer.from_pretrained("model/default")
-    result = synth.synthesize({"t1": t1, "t2": t2, "t1ce": t1ce}, ["flair"], steps=25, seed=0)
-    result.volumes["flair"]  # Volume on the reference input's grid, float32 in [0, 1]
+synth = Synthesizer.from_pretrained("model/default")
+result = synth.synthesize({"t1": t1, "t2": t2, "t1ce": t1ce}, ["flair"], steps=25, seed=0)
+result.volumes["flair"]  # Volume on the reference input's grid, float32 in [0, 1]
 """
 
 from __future__ import annotations
@@ -24,8 +24,13 @@ from model.preprocess import PreparedStudy, prepare_study, restore_volume
 
 Progress = Callable[[str, float], None]
 # overall-progress share of each phase (denoise dominates)
-_PHASES = {"preprocess": (0.0, 0.03), "encode": (0.03, 0.08), "denoise": (0.08, 0.92), "decode": (0.92, 0.98),
-           "postprocess": (0.98, 1.0)}
+_PHASES = {
+    "preprocess": (0.0, 0.03),
+    "encode": (0.03, 0.08),
+    "denoise": (0.08, 0.92),
+    "decode": (0.92, 0.98),
+    "postprocess": (0.98, 1.0),
+}
 
 
 @dataclass
@@ -61,23 +66,28 @@ class Synthesizer:
         given = {canonical_modality(m) for m in study}
         unknown = sorted(given - set(self.modalities))
         if unknown:
-            raise UnknownModalityError(f"input modality {unknown} is not one this model ({self.version}) was built for: "
-                                       f"{', '.join(self.modalities)}")
+            raise UnknownModalityError(
+                f"input modality {unknown} is not one this model ({self.version}) was built for: "
+                f"{', '.join(self.modalities)}"
+            )
         if isinstance(targets, str):
             targets = [targets]
         out: list[str] = []
         for t in targets:
             m = canonical_modality(t)
             if m not in self.modalities:
-                raise UnknownModalityError(f"target {t!r} is not one this model ({self.version}) can synthesize: "
-                                           f"{', '.join(self.modalities)}")
+                raise UnknownModalityError(
+                    f"target {t!r} is not one this model ({self.version}) can synthesize: {', '.join(self.modalities)}"
+                )
             if m in given:
                 raise TargetError(f"target {t!r} is also an input: only absent modalities can be synthesized")
             if m not in out:
                 out.append(m)
         if not out:
-            raise TargetError(f"no target given: name at least one of the absent modalities "
-                              f"{', '.join(m for m in self.modalities if m not in given)}")
+            raise TargetError(
+                f"no target given: name at least one of the absent modalities "
+                f"{', '.join(m for m in self.modalities if m not in given)}"
+            )
         return out
 
     def _autocast(self) -> torch.autocast | _Null:
@@ -88,9 +98,18 @@ class Synthesizer:
     def prepare(self, study: dict[str, Volume]) -> PreparedStudy:
         return prepare_study(study, self.modalities, self.config.preprocess)
 
-    def synthesize(self, study: dict[str, Volume], targets: Sequence[str], *, steps: int | None = None,
-                   seed: int = 0, samples: int = 1, progress: Progress | None = None, eta: float | None = None,
-                   replace_known: bool | None = None) -> SynthesisResult:
+    def synthesize(
+        self,
+        study: dict[str, Volume],
+        targets: Sequence[str],
+        *,
+        steps: int | None = None,
+        seed: int = 0,
+        samples: int = 1,
+        progress: Progress | None = None,
+        eta: float | None = None,
+        replace_known: bool | None = None,
+    ) -> SynthesisResult:
         """Synthesize ``targets`` (absent modalities) from the study's volumes (aliases such as ``t1n`` accepted).
 
         Phases: 1 preprocess (volumes -> slices), 2 encode (structure condition F_s), 3 denoise (DDIM, all
@@ -140,15 +159,24 @@ class Synthesizer:
             lo, hi = _PHASES["denoise"]
             latents = []
             for k in range(samples):
+
                 def on_step(i: int, total: int, k: int = k) -> None:
                     if progress is not None:
                         progress("denoise", min(hi, lo + (hi - lo) * (k * total + i) / (samples * total)))
 
                 sample_seed = int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0])
-                latents.append(self.model.denoise(
-                    f_s_all, steps, eta=eta, seed=sample_seed, chunk_size=cs, z0_known=z0_known,
-                    known=available_row.expand(n, -1).to(self.device) if replace_known else None,
-                    callback=on_step).cpu())
+                latents.append(
+                    self.model.denoise(
+                        f_s_all,
+                        steps,
+                        eta=eta,
+                        seed=sample_seed,
+                        chunk_size=cs,
+                        z0_known=z0_known,
+                        known=available_row.expand(n, -1).to(self.device) if replace_known else None,
+                        callback=on_step,
+                    ).cpu()
+                )
             timings["denoise"] = time.perf_counter() - t0
 
             # 4. decode the targets' latents
@@ -172,10 +200,28 @@ class Synthesizer:
         timings["total"] = time.perf_counter() - t_all
         if progress is not None:
             progress("postprocess", 1.0)
-        meta = {"version": self.version, "steps": steps, "seed": seed, "samples": samples,
-                "eta": self.config.diffusion.eta if eta is None else eta, "replace_known": replace_known,
-                "available": [m for m, a in zip(self.modalities, prepared.available, strict=True) if a],
-                "reference": prepared.reference, "slices": n, "device": str(self.device)}
+        warnings = []
+        ref_vol = next(v for k, v in study.items() if canonical_modality(k) == prepared.reference)
+        if self.config.train_spacing is not None:
+            trained, given = sorted(self.config.train_spacing), sorted(ref_vol.spacing)
+            if any(abs(g - t) > 0.25 * t for g, t in zip(given, trained, strict=True)):
+                warnings.append(
+                    f"input voxel size {tuple(round(v, 3) for v in ref_vol.spacing)} mm differs from the training "
+                    f"data's {tuple(self.config.train_spacing)} mm: the model does not resample, results may degrade"
+                )
+        meta = {
+            "warnings": warnings,
+            "version": self.version,
+            "steps": steps,
+            "seed": seed,
+            "samples": samples,
+            "eta": self.config.diffusion.eta if eta is None else eta,
+            "replace_known": replace_known,
+            "available": [m for m, a in zip(self.modalities, prepared.available, strict=True) if a],
+            "reference": prepared.reference,
+            "slices": n,
+            "device": str(self.device),
+        }
         return SynthesisResult(volumes=volumes, uncertainty=uncertainty, timings=timings, meta=meta)
 
     def segment(self, study: dict[str, Volume]) -> dict[str, Volume]:
@@ -188,9 +234,13 @@ class Synthesizer:
         with torch.inference_mode(), self._autocast():
             for s in range(0, x.shape[0], self.chunk_size):
                 xc = x[s : s + self.chunk_size].to(self.device)
-                probs.append(self.model.structure.segment(xc, av_row.expand(xc.shape[0], -1).to(self.device)).float().cpu())
+                probs.append(
+                    self.model.structure.segment(xc, av_row.expand(xc.shape[0], -1).to(self.device)).float().cpu()
+                )
         p = torch.cat(probs).numpy()
-        return {r: restore_volume(p[:, i], prepared, unit_range=True) for i, r in enumerate(("WT", "TC", "ET"), start=1)}
+        return {
+            r: restore_volume(p[:, i], prepared, unit_range=True) for i, r in enumerate(("WT", "TC", "ET"), start=1)
+        }
 
 
 class _Null:

@@ -70,11 +70,15 @@ def _check_geometry(volumes: dict[str, Volume]) -> None:
     for name in names[1:]:
         v = volumes[name]
         if v.shape != ref.shape:
-            raise StudyGeometryError(f"{name} has shape {v.shape} but {names[0]} has {ref.shape} "
-                                     f"({v.meta.get('source', name)}): all inputs must share one grid")
+            raise StudyGeometryError(
+                f"{name} has shape {v.shape} but {names[0]} has {ref.shape} "
+                f"({v.meta.get('source', name)}): all inputs must share one grid"
+            )
         if not np.allclose(v.affine, ref.affine, atol=1e-3):
-            raise StudyGeometryError(f"{name} affine differs from {names[0]} affine "
-                                     f"({v.meta.get('source', name)}): inputs must be co-registered on one grid")
+            raise StudyGeometryError(
+                f"{name} affine differs from {names[0]} affine "
+                f"({v.meta.get('source', name)}): inputs must be co-registered on one grid"
+            )
 
 
 def prepare_study(volumes: dict[str, Volume], modalities: Sequence[str], cfg: PreprocessConfig) -> PreparedStudy:
@@ -84,7 +88,9 @@ def prepare_study(volumes: dict[str, Volume], modalities: Sequence[str], cfg: Pr
     for name, vol in volumes.items():
         key = canonical_modality(name)
         if key not in modalities:
-            raise UnknownModalityError(f"modality {name!r} is not one this model was built for: {', '.join(modalities)}")
+            raise UnknownModalityError(
+                f"modality {name!r} is not one this model was built for: {', '.join(modalities)}"
+            )
         given[key] = vol
     if not given:
         raise NoInputError(f"no input volume given: need at least one of {', '.join(modalities)}")
@@ -106,8 +112,10 @@ def prepare_study(volumes: dict[str, Volume], modalities: Sequence[str], cfg: Pr
     for a in canon.values():
         mask3 |= a > cfg.background_threshold
     if not mask3.any():
-        raise EmptyBrainError(f"no voxel above {cfg.background_threshold} in any input "
-                              f"({', '.join(v.meta.get('source', m) for m, v in ordered.items())})")
+        raise EmptyBrainError(
+            f"no voxel above {cfg.background_threshold} in any input "
+            f"({', '.join(v.meta.get('source', m) for m, v in ordered.items())})"
+        )
 
     # 3. in-plane window centred on the mask's bounding box
     size = cfg.image_size

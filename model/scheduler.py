@@ -45,8 +45,15 @@ class DDIMScheduler:
         ts = [min(t, T - 1) for t in ts]
         return ts[::-1]
 
-    def step(self, eps: torch.Tensor, t: int, t_prev: int | None, z_t: torch.Tensor, eta: float,
-             noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self,
+        eps: torch.Tensor,
+        t: int,
+        t_prev: int | None,
+        z_t: torch.Tensor,
+        eta: float,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One DDIM update (Song et al. 2021, Eq. 12) from ``t`` to ``t_prev`` (None: to the clean sample,
         ``abar = 1``). Returns ``(z_prev, z0_pred)``. ``noise`` is required when ``eta > 0``.
         """

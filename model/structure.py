@@ -18,10 +18,18 @@ from model.config import StructureConfig
 
 
 class ConvBlock(nn.Module):
-    """Conv -> Dropout -> InstanceNorm -> LeakyReLU(0.01); ``norm``/``act`` honoured (the authors' code ignores them)."""
+    """Conv -> Dropout -> InstanceNorm -> LeakyReLU(0.01); ``norm``/``act`` honoured (the authors' ignores them)."""
 
-    def __init__(self, c_in: int, c_out: int, k: int = 3, stride: int = 1, dropout: float = 0.0,
-                 norm: bool = True, act: bool = True) -> None:
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        k: int = 3,
+        stride: int = 1,
+        dropout: float = 0.0,
+        norm: bool = True,
+        act: bool = True,
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, k, stride, padding=(k - 1) // 2)
         self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
@@ -74,8 +82,15 @@ class StructureEncoder(nn.Module):
     ``(B, in_channels, H, W)`` -> list of L features, scale l: ``(B, channels[l], H/2^l, W/2^l)``.
     """
 
-    def __init__(self, in_channels: int = 1, channels: tuple[int, ...] = (32, 64, 128, 256), hfib: bool = True,
-                 hfib_fusion: str = "concat", sigma_init: float = 1.0, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: tuple[int, ...] = (32, 64, 128, 256),
+        hfib: bool = True,
+        hfib_fusion: str = "concat",
+        sigma_init: float = 1.0,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.entry, self.res1, self.res2, self.hfib = nn.ModuleList(), nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         c_prev = in_channels
@@ -123,8 +138,9 @@ class MSSE(nn.Module):
     LayerNorm(F_L) and keys/values from LayerNorm(guidance); 1x1 out conv; alpha learnable (paper) or fixed.
     """
 
-    def __init__(self, channels: tuple[int, ...], heads: int = 4, alpha_init: float = 0.5,
-                 alpha_learnable: bool = True) -> None:
+    def __init__(
+        self, channels: tuple[int, ...], heads: int = 4, alpha_init: float = 0.5, alpha_learnable: bool = True
+    ) -> None:
         super().__init__()
         c = channels[-1]
         self.proj = nn.ModuleList(nn.Conv2d(ci, c, 1) for ci in channels[:-1])
@@ -140,8 +156,10 @@ class MSSE(nn.Module):
     def forward(self, fused: list[torch.Tensor]) -> torch.Tensor:
         f_l = fused[-1]
         b, c, h, w = f_l.shape
-        guidance = sum(F.interpolate(p(f), size=(h, w), mode="bilinear", align_corners=False)
-                       for p, f in zip(self.proj, fused[:-1], strict=True))
+        guidance = sum(
+            F.interpolate(p(f), size=(h, w), mode="bilinear", align_corners=False)
+            for p, f in zip(self.proj, fused[:-1], strict=True)
+        )
         q = self.norm_q(f_l.flatten(2).transpose(1, 2))
         kv = self.norm_kv(guidance.flatten(2).transpose(1, 2))
         a, _ = self.attn(q, kv, kv, need_weights=False)
@@ -195,13 +213,15 @@ class ReconstructionDecoder(nn.Module):
     code), then (bilinear x2, 5x5 conv) per scale back to full size, 7x7 conv, tanh.
     """
 
-    def __init__(self, channels: tuple[int, ...], style_dim: int = 8, res_blocks: int = 4,
-                 mlp_channels: int = 256) -> None:
+    def __init__(
+        self, channels: tuple[int, ...], style_dim: int = 8, res_blocks: int = 4, mlp_channels: int = 256
+    ) -> None:
         super().__init__()
         c = channels[-1]
         self.res_blocks, self.c = res_blocks, c
-        self.mlp = nn.Sequential(nn.Linear(style_dim, mlp_channels), nn.ReLU(True),
-                                 nn.Linear(mlp_channels, mlp_channels), nn.ReLU(True))
+        self.mlp = nn.Sequential(
+            nn.Linear(style_dim, mlp_channels), nn.ReLU(True), nn.Linear(mlp_channels, mlp_channels), nn.ReLU(True)
+        )
         n_stats = res_blocks * 2 * c
         self.mu_head = nn.Linear(mlp_channels, n_stats)
         self.sigma_head = nn.Linear(mlp_channels, n_stats)
@@ -260,15 +280,18 @@ class StructureModel(nn.Module):
         ch = tuple(cfg.channels)
         self.encoders = nn.ModuleList(
             StructureEncoder(1, ch, cfg.hfib, cfg.hfib_fusion, cfg.hfib_sigma_init, cfg.dropout)
-            for _ in range(num_modalities))
+            for _ in range(num_modalities)
+        )
         self.mmsf = nn.ModuleList(MMSF(num_modalities, c) for c in ch) if cfg.mmsf else None
         self.msse = MSSE(ch, cfg.msse_heads, cfg.msse_alpha_init, cfg.msse_alpha_learnable) if cfg.msse else None
         self.style_encoders = nn.ModuleList(
             StyleEncoder(1, cfg.style_base_channels, cfg.style_downsamples, cfg.style_dim)
-            for _ in range(num_modalities))
+            for _ in range(num_modalities)
+        )
         self.decoders = nn.ModuleList(
             ReconstructionDecoder(ch, cfg.style_dim, cfg.decoder_res_blocks, cfg.decoder_mlp_channels)
-            for _ in range(num_modalities))
+            for _ in range(num_modalities)
+        )
         self.seg_decoder = SegmentationDecoder(ch, cfg.seg_classes)
         # learnable temperature of L_sc, stored as log(tau) and clamped to [0, log tau_max] when used
         self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.tau_init)))
@@ -313,7 +336,7 @@ class StructureModel(nn.Module):
 
     def forward(self, x: torch.Tensor, available: torch.Tensor) -> dict[str, object]:
         """Training forward: structure, style codes ``(B, M, D)``, reconstructions ``(B, M, H, W)``, AdaIN stats,
-        segmentation logits ``(B, classes, H, W)``."""
+        segmentation logits ``(B, classes, H, W)``, the L_sc temperature ``tau``."""
         out = self.encode_structure(x, available)
         f_s = out["f_s"]
         styles, recon, mus, sigmas = [], [], [], []
@@ -324,8 +347,14 @@ class StructureModel(nn.Module):
             recon.append(x_hat[:, 0])
             mus.append(mu)
             sigmas.append(sigma)
-        out.update(styles=torch.stack(styles, 1), recon=torch.stack(recon, 1), adain_mu=torch.stack(mus, 1),
-                   adain_sigma=torch.stack(sigmas, 1), seg_logits=self.seg_decoder(out["fused"]))
+        out.update(
+            styles=torch.stack(styles, 1),
+            recon=torch.stack(recon, 1),
+            adain_mu=torch.stack(mus, 1),
+            adain_sigma=torch.stack(sigmas, 1),
+            seg_logits=self.seg_decoder(out["fused"]),
+            tau=self.tau,  # returned from forward so that DDP sees the temperature used inside the graph
+        )
         return out
 
     def segment(self, x: torch.Tensor, available: torch.Tensor) -> torch.Tensor:

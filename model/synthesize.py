@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     def progress(phase: str, fraction: float) -> None:
         print(f"\r{phase:<12} {fraction:6.1%}", end="", file=sys.stderr, flush=True)
 
-    result = synth.synthesize(study, targets, steps=args.steps, seed=args.seed, samples=args.samples,
-                              progress=progress)
+    result = synth.synthesize(study, targets, steps=args.steps, seed=args.seed, samples=args.samples, progress=progress)
     print(file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -32,8 +32,16 @@ from model.checkpoint import save_checkpoint
 from model.config import MSGLDMConfig, load_preset
 from model.data import find_cases, split_cases
 from model.dataset import ModalityMasker, SliceDataset
-from model.losses import (adain_kl, adaptive_gan_weight, generator_loss, hinge_d_loss, segmentation_loss, ssim,
-                          structure_aware_loss, style_consistency_loss)
+from model.losses import (
+    adain_kl,
+    adaptive_gan_weight,
+    generator_loss,
+    hinge_d_loss,
+    segmentation_loss,
+    ssim,
+    structure_aware_loss,
+    style_consistency_loss,
+)
 from model.msgldm import MSGLDM
 
 log = logging.getLogger("model.train")
@@ -158,8 +166,9 @@ def _ddp(module: torch.nn.Module, run: Run) -> torch.nn.Module:
     return module
 
 
-def train_stage(stage: int, model: MSGLDM, train_ds: SliceDataset, val_ds: SliceDataset, run: Run,
-                steps: int, batch: int, seed: int) -> dict:
+def train_stage(
+    stage: int, model: MSGLDM, train_ds: SliceDataset, val_ds: SliceDataset, run: Run, steps: int, batch: int, seed: int
+) -> dict:
     """Train one stage up to ``steps`` (resuming from ``stage{k}.pt``); return its last validation metrics."""
     cfg = model.cfg
     device = run.device
@@ -176,8 +185,9 @@ def train_stage(stage: int, model: MSGLDM, train_ds: SliceDataset, val_ds: Slice
         opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.autoencoder.lr, betas=cfg.autoencoder.betas)
     elif stage == 1:
         trainable = sm
-        opt = torch.optim.Adam(sm.parameters(), lr=cfg.structure.lr, betas=cfg.structure.betas,
-                               weight_decay=cfg.structure.weight_decay)
+        opt = torch.optim.Adam(
+            sm.parameters(), lr=cfg.structure.lr, betas=cfg.structure.betas, weight_decay=cfg.structure.weight_decay
+        )
     else:
         trainable = unet
         opt = torch.optim.AdamW(unet.parameters(), lr=cfg.diffusion.lr, weight_decay=cfg.diffusion.weight_decay)
@@ -211,8 +221,14 @@ def train_stage(stage: int, model: MSGLDM, train_ds: SliceDataset, val_ds: Slice
     batches = _loader(train_ds, batch, run, seed + step)
 
     def snapshot() -> dict:
-        st = {"stage": stage, "step": step, "model": _unwrap(wrapped).state_dict(), "opt": opt.state_dict(),
-              "val": last_val, "steps_target": steps}
+        st = {
+            "stage": stage,
+            "step": step,
+            "model": _unwrap(wrapped).state_dict(),
+            "opt": opt.state_dict(),
+            "val": last_val,
+            "steps_target": steps,
+        }
         if disc is not None:
             st.update(disc=disc.state_dict(), opt_d=opt_d.state_dict())
         if ema is not None:
@@ -221,8 +237,14 @@ def train_stage(stage: int, model: MSGLDM, train_ds: SliceDataset, val_ds: Slice
 
     from tqdm import tqdm
 
-    bar = tqdm(total=steps, initial=step, desc=f"stage {stage}", disable=not run.is_main, dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    bar = tqdm(
+        total=steps,
+        initial=step,
+        desc=f"stage {stage}",
+        disable=not run.is_main,
+        dynamic_ncols=True,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
+    )
     while step < steps:
         b = _to(next(batches), device)
         crop = (cfg.train.crop_stage0, cfg.train.crop_stage1, 0)[stage]
@@ -251,10 +273,14 @@ def train_stage(stage: int, model: MSGLDM, train_ds: SliceDataset, val_ds: Slice
             elif stage == 1:
                 available = masker(present)
                 out = wrapped(x, available)
-                sa = torch.stack([structure_aware_loss(out["recon"][present[:, j], j][:, None],
-                                                       x[present[:, j], j][:, None])
-                                  for j in range(x.shape[1]) if present[:, j].any()]).mean()
-                sc = style_consistency_loss(out["styles"], _unwrap(wrapped).tau, valid=present)
+                sa = torch.stack(
+                    [
+                        structure_aware_loss(out["recon"][present[:, j], j][:, None], x[present[:, j], j][:, None])
+                        for j in range(x.shape[1])
+                        if present[:, j].any()
+                    ]
+                ).mean()
+                sc = style_consistency_loss(out["styles"], out["tau"], valid=present)
                 kl = adain_kl(out["adain_mu"].float(), out["adain_sigma"].float())
                 loss = cfg.structure.sa_weight * sa + cfg.structure.sc_weight * sc + cfg.structure.kl_weight * kl
                 if cfg.structure.segmentation and b["has_seg"].any():
@@ -262,14 +288,16 @@ def train_stage(stage: int, model: MSGLDM, train_ds: SliceDataset, val_ds: Slice
                     seg = segmentation_loss(out["seg_logits"][hs], b["seg"][hs], cfg.structure.seg_bce_weight)
                     loss = loss + cfg.structure.seg_weight * seg
                     logs["seg"] = seg.item()
-                logs.update(sa=sa.item(), sc=sc.item(), kl=kl.item(), tau=_unwrap(wrapped).tau.item())
+                logs.update(sa=sa.item(), sc=sc.item(), kl=kl.item(), tau=out["tau"].item())
             else:
                 available = masker(present)
                 z0 = z_cache[b["index"].cpu()].to(device)
                 loss = _diffusion_loss(model, wrapped, x, available, z0, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip else None
+        gn = (
+            torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip else None
+        )
         opt.step()
         if stage == 0 and step >= cfg.autoencoder.disc_start and cfg.autoencoder.disc_weight > 0:
             with run.autocast():
@@ -308,8 +336,14 @@ def _random_crop(b: dict, size: int, gen: torch.Generator) -> dict:
     return {**b, "x": b["x"][..., i : i + size, j : j + size], "seg": b["seg"][..., i : i + size, j : j + size]}
 
 
-def _diffusion_loss(model: MSGLDM, unet: torch.nn.Module, x: torch.Tensor, available: torch.Tensor,
-                    z0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _diffusion_loss(
+    model: MSGLDM,
+    unet: torch.nn.Module,
+    x: torch.Tensor,
+    available: torch.Tensor,
+    z0: torch.Tensor,
+    gen: torch.Generator,
+) -> torch.Tensor:
     """Stage-2 loss with a (possibly DDP-wrapped) UNet: Eq. 1 on cached latents."""
     from model.losses import diffusion_loss
 
@@ -344,8 +378,13 @@ def validate(stage: int, model: MSGLDM, ds: SliceDataset, run: Run, ema: EMA | N
     metrics: dict[str, list[float]] = {}
     model.eval()
     for start in range(0, n, cfg.train.batch_size):
-        b = _to({k: torch.stack([ds[int(i)][k] for i in idx[start : start + cfg.train.batch_size]])
-                 for k in ("x", "present", "seg", "has_seg")}, run.device)
+        b = _to(
+            {
+                k: torch.stack([ds[int(i)][k] for i in idx[start : start + cfg.train.batch_size]])
+                for k in ("x", "present", "seg", "has_seg")
+            },
+            run.device,
+        )
         x, present = b["x"], b["present"]
         with run.autocast():
             if stage == 0:
@@ -372,7 +411,9 @@ def validate(stage: int, model: MSGLDM, ds: SliceDataset, run: Run, ema: EMA | N
                 available = masker(present)
                 z0 = model.encode_latents(x)
                 unet = ema.shadow if ema is not None else model.unet
-                metrics.setdefault("diffusion_loss", []).append(_diffusion_loss(model, unet, x, available, z0, gen).item())
+                metrics.setdefault("diffusion_loss", []).append(
+                    _diffusion_loss(model, unet, x, available, z0, gen).item()
+                )
     return {k: round(sum(v) / len(v), 6) for k, v in metrics.items()}
 
 
@@ -391,23 +432,39 @@ def _parse_steps(text: str | None) -> list[int] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m model.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", default="tiny", help="preset name (brats, wmh, ixi, tiny) or a YAML file")
     p.add_argument("--stage", default="all", choices=["0", "1", "2", "all"])
-    p.add_argument("--data", nargs="+", required=True,
-                   help="dataset folder(s) or case folder(s); several paths train on exactly those cases")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help="dataset folder(s) or case folder(s); several paths train on exactly those cases",
+    )
     p.add_argument("--layout", default="auto")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--max-steps", default=None, help="steps per stage: N (all stages) or N0,N1,N2")
     p.add_argument("--epochs", type=float, default=None, help="alternative to --max-steps: epochs per stage")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help="subject-level validation split (0: validate on a fixed subset of the training slices)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="subject-level validation split (0: validate on a fixed subset of the training slices)",
+    )
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="config overrides, e.g. unet.base_channels=64 diffusion.default_steps=25 (YAML values)")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. unet.base_channels=64 diffusion.default_steps=25 (YAML values)",
+    )
     return p
 
 
@@ -456,10 +513,21 @@ def main(argv: list[str] | None = None) -> Path | None:
         cfg = cfg.replace({"train_spacing": list(spacing)})
     if run.is_main:
         saved_cfg.write_text(cfg.to_json() + "\n")
-        (out / "split.json").write_text(json.dumps({
-            "seed": seed, "val_fraction": val_fraction, "train": [c.id for c in train_cases],
-            "val": [c.id for c in val_cases], "validation_on": "val" if val_cases else "train subset",
-            "train_slices": len(train_ds), "data": [str(d) for d in args.data]}, indent=2) + "\n")
+        (out / "split.json").write_text(
+            json.dumps(
+                {
+                    "seed": seed,
+                    "val_fraction": val_fraction,
+                    "train": [c.id for c in train_cases],
+                    "val": [c.id for c in val_cases],
+                    "validation_on": "val" if val_cases else "train subset",
+                    "train_slices": len(train_ds),
+                    "data": [str(d) for d in args.data],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     steps_cfg = [cfg.train.stage0_steps, cfg.train.stage1_steps, cfg.train.stage2_steps]
     steps = _parse_steps(args.max_steps) or steps_cfg
     if args.epochs is not None:
@@ -477,8 +545,10 @@ def main(argv: list[str] | None = None) -> Path | None:
         if stage < 2 and max(stages) == 2:  # stage 2 needs the trained (frozen) stages 0 and 1
             state = _load_stage(run, stage)
             if state is None:
-                raise SystemExit(f"stage {max(stages)} needs stage {stage}: {_stage_path(run, stage)} does not exist; "
-                                 f"run --stage {stage} (or --stage all) first")
+                raise SystemExit(
+                    f"stage {max(stages)} needs stage {stage}: {_stage_path(run, stage)} does not exist; "
+                    f"run --stage {stage} (or --stage all) first"
+                )
             [model.autoencoder, model.structure, model.unet][stage].load_state_dict(state["model"])
             results.setdefault(stage, state.get("val", {}))
     if world > 1:
@@ -491,7 +561,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         "steps": {f"stage{k}": (_load_stage(run, k) or {}).get("step") for k in range(3)},
         "validation": {f"stage{k}": v for k, v in results.items()},
         "split": json.loads((out / "split.json").read_text()),
-        "batch_size": batch, "world_size": world, "device": str(device),
+        "batch_size": batch,
+        "world_size": world,
+        "device": str(device),
         "wall_s_this_invocation": round(time.time() - run.t0, 1),
     }
     dest = save_checkpoint(model, out / "model", metrics=metrics, unet_state=state2.get("ema") if state2 else None)

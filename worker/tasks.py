@@ -155,9 +155,12 @@ def run_job(job_id: str) -> str:
             results = _write_results(job, claim, result, record, workdir)
             timings["write"] = time.perf_counter() - t0
         with session_scope() as session:
-            if jobs.complete(session, claim, results=results, model_version=synth.version):
-                log.info("job %s succeeded in %.1fs (attempt %d)", job_id, time.perf_counter() - started, claim.attempt)
-                return "succeeded"
+            succeeded = jobs.complete(session, claim, results=results, model_version=synth.version)
+        if succeeded:
+            for attempt in range(1, claim.attempt):  # partial results of attempts that died mid-write
+                get_storage().delete_prefix(f"jobs/{job_id}/attempt-{attempt}/")
+            log.info("job %s succeeded in %.1fs (attempt %d)", job_id, time.perf_counter() - started, claim.attempt)
+            return "succeeded"
         get_storage().delete_prefix(f"jobs/{job_id}/attempt-{claim.attempt}/")
         log.warning("job %s: claim of attempt %d went stale; results discarded", job_id, claim.attempt)
         return "stale"

@@ -13,8 +13,13 @@ from .conftest import micro_config
 @pytest.mark.parametrize("kind", ["vq", "kl"])
 @pytest.mark.parametrize("size,levels", [(32, (1, 1, 2, 4)), (64, (1, 1, 2, 4)), (32, (1, 2))])
 def test_shapes(kind, size, levels):
-    cfg = micro_config(**{"autoencoder.kind": kind, "autoencoder.channel_mult": list(levels),
-                          "structure.channels": [4, 8, 16, 32][: len(levels)]}).autoencoder
+    cfg = micro_config(
+        **{
+            "autoencoder.kind": kind,
+            "autoencoder.channel_mult": list(levels),
+            "structure.channels": [4, 8, 16, 32][: len(levels)],
+        }
+    ).autoencoder
     ae = Autoencoder(cfg)
     x = torch.rand(2, 1, size, size) * 2 - 1
     z, reg = ae.encode(x)

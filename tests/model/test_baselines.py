@@ -72,7 +72,8 @@ def test_histogram_match_follows_the_target_distribution():
 
 
 def test_nearest_modality_fit_choice_and_synthesis(tmp_path):
-    cases = find_cases([_write_case(tmp_path, "BraTS20_Training_001", 0), _write_case(tmp_path, "BraTS20_Training_002", 1)])
+    folders = [_write_case(tmp_path, "BraTS20_Training_001", 0), _write_case(tmp_path, "BraTS20_Training_002", 1)]
+    cases = find_cases(folders)
     nb = NearestModalityBaseline.fit(cases, MODS)
     c = nb.correlation
     assert c.shape == (4, 4) and np.allclose(np.diag(c), 1) and np.allclose(c, c.T)
@@ -116,7 +117,8 @@ def test_regression_unet_training_is_deterministic_and_learns(tmp_path):
     rng = np.random.default_rng(0)
     base = rng.random((6, 1, 32, 32)).astype(np.float32)
     x = np.concatenate([base, 1 - base, base, base**2], axis=1) * 2 - 1  # modalities are functions of each other
-    cfg = RegressionUNetConfig(modalities=MODS, channels=(4, 8, 8, 16), steps=30, batch_size=2, lr=2e-3, seed=3)
+    cfg = RegressionUNetConfig(modalities=MODS, channels=(4, 8, 8, 16), steps=20, batch_size=2, lr=2e-3, seed=3,
+                               train_crop=16)  # random crops: deterministic too
     losses_a: list[float] = []
     net_a = train_regression_unet(x, cfg, lambda s, loss: losses_a.append(loss))
     losses_b: list[float] = []
@@ -128,10 +130,10 @@ def test_regression_unet_training_is_deterministic_and_learns(tmp_path):
     with pytest.raises(BaselineError, match="training slices"):
         train_regression_unet(x[:, :3], cfg)
 
-    baseline = RegressionUNetBaseline(cfg, net_a, {"steps": 30})
+    baseline = RegressionUNetBaseline(cfg, net_a, {"steps": 20})
     baseline.save(tmp_path / "unet")
     loaded = RegressionUNetBaseline.load(tmp_path / "unet")
-    assert loaded.cfg == cfg and loaded.record == {"steps": 30}
+    assert loaded.cfg == cfg and loaded.record == {"steps": 20}
     avail = [True, False, False, True]
     np.testing.assert_allclose(loaded.predict_slices(x[:2], avail), baseline.predict_slices(x[:2], avail), atol=1e-6)
     with pytest.raises(BaselineError, match="not a regression U-Net"):

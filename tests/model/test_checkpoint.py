@@ -19,7 +19,12 @@ def test_round_trip_gives_identical_outputs(tmp_path, micro_cfg):
     ema = {k: v + 0.01 for k, v in model.unet.state_dict().items()}
     save_checkpoint(model, tmp_path / "ck", metrics={"psnr": 1.0}, unet_state=ema)
     assert {p.name for p in (tmp_path / "ck").iterdir()} == {
-        "config.json", "metrics.json", "autoencoder.safetensors", "structure.safetensors", "unet.safetensors"}
+        "config.json",
+        "metrics.json",
+        "autoencoder.safetensors",
+        "structure.safetensors",
+        "unet.safetensors",
+    }
     loaded = load_checkpoint(tmp_path / "ck")
     assert loaded.cfg == micro_cfg
     assert json.loads((tmp_path / "ck" / "metrics.json").read_text()) == {"psnr": 1.0}
@@ -38,7 +43,11 @@ def test_version_is_a_content_hash(tmp_path, micro_cfg):
     save_checkpoint(model, tmp_path / "a")
     save_checkpoint(model, tmp_path / "b")
     va = checkpoint_version(tmp_path / "a")
-    assert va == checkpoint_version(tmp_path / "b") and va.startswith("msgldm-micro-") and len(va) == len("msgldm-micro-") + 12
+    assert (
+        va == checkpoint_version(tmp_path / "b")
+        and va.startswith("msgldm-micro-")
+        and len(va) == len("msgldm-micro-") + 12
+    )
     with torch.no_grad():
         model.unet.conv_in.weight[0, 0, 0, 0] += 1.0
     save_checkpoint(model, tmp_path / "c")

@@ -8,8 +8,15 @@ from model.config import MSGLDMConfig, canonical_modality, load_preset
 from model.errors import ConfigError, UnknownModalityError
 
 
-@pytest.mark.parametrize("preset,mods", [("brats", ("t1", "t2", "t1ce", "flair")), ("wmh", ("t1", "flair")),
-                                         ("ixi", ("t1", "t2", "pd")), ("tiny", ("t1", "t2", "t1ce", "flair"))])
+@pytest.mark.parametrize(
+    "preset,mods",
+    [
+        ("brats", ("t1", "t2", "t1ce", "flair")),
+        ("wmh", ("t1", "flair")),
+        ("ixi", ("t1", "t2", "pd")),
+        ("tiny", ("t1", "t2", "t1ce", "flair")),
+    ],
+)
 def test_presets(preset, mods):
     cfg = load_preset(preset)
     assert cfg.modalities == mods
@@ -19,11 +26,24 @@ def test_presets(preset, mods):
 
 def test_brats_preset_is_the_decision_record():
     cfg = load_preset("brats")
-    assert (cfg.autoencoder.kind, cfg.autoencoder.codebook_size, cfg.autoencoder.channel_mult) == ("vq", 8192, (1, 1, 2, 4))
+    assert (cfg.autoencoder.kind, cfg.autoencoder.codebook_size, cfg.autoencoder.channel_mult) == (
+        "vq",
+        8192,
+        (1, 1, 2, 4),
+    )
     assert cfg.structure.channels == (32, 64, 128, 256) and cfg.structure.hfib_fusion == "concat"
-    assert (cfg.structure.seg_weight, cfg.structure.sc_weight, cfg.structure.sa_weight, cfg.structure.kl_weight) == (2.0, 0.1, 1.0, 0.05)
+    assert (cfg.structure.seg_weight, cfg.structure.sc_weight, cfg.structure.sa_weight, cfg.structure.kl_weight) == (
+        2.0,
+        0.1,
+        1.0,
+        0.05,
+    )
     assert (cfg.unet.base_channels, cfg.unet.channel_mult, cfg.unet.attention_levels) == (128, (1, 1, 2), (1, 2))
-    assert (cfg.diffusion.beta_start, cfg.diffusion.beta_end, cfg.diffusion.num_train_timesteps) == (0.0015, 0.0195, 1000)
+    assert (cfg.diffusion.beta_start, cfg.diffusion.beta_end, cfg.diffusion.num_train_timesteps) == (
+        0.0015,
+        0.0195,
+        1000,
+    )
 
 
 def test_unknown_key_is_named():
@@ -48,6 +68,13 @@ def test_bad_values_are_named():
 
 
 def test_aliases():
-    assert [canonical_modality(m) for m in ("T1N", "t1c", "t2w", "t2f", "FLAIR", "pd")] == ["t1", "t1ce", "t2", "flair", "flair", "pd"]
+    assert [canonical_modality(m) for m in ("T1N", "t1c", "t2w", "t2f", "FLAIR", "pd")] == [
+        "t1",
+        "t1ce",
+        "t2",
+        "flair",
+        "flair",
+        "pd",
+    ]
     with pytest.raises(UnknownModalityError):
         canonical_modality("dwi")

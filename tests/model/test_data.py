@@ -222,7 +222,8 @@ def test_shared_sample_data():
     brats = cases["BraTS-GLI-00001-000"]
     assert brats.layout == "brats2023" and brats.modalities == ("t1", "t2", "t1ce", "flair") and brats.seg is None
     tcga = cases["TCGA-DU-7294"]
-    assert tcga.layout == "brats-toolkit" and tcga.seg_is_prediction and tcga.modalities == ("t1", "t2", "t1ce", "flair")
+    assert tcga.layout == "brats-toolkit" and tcga.seg_is_prediction
+    assert tcga.modalities == ("t1", "t2", "t1ce", "flair")
     ixi = cases["IXI002-Guys-0828"]
     assert ixi.layout == "ixi" and ixi.modalities == ("t1", "t2")
     report = validate_dataset(SHARED_DATA / "tcga_du_7294_preprocessed")

@@ -10,8 +10,16 @@ import torch
 import torch.nn.functional as F
 from scipy.fft import dctn
 
-from model.losses import (adain_kl, dct2, dct_ssim_loss, hinge_d_loss, segmentation_loss, ssim,
-                          structure_aware_loss, style_consistency_loss)
+from model.losses import (
+    adain_kl,
+    dct2,
+    dct_ssim_loss,
+    hinge_d_loss,
+    segmentation_loss,
+    ssim,
+    structure_aware_loss,
+    style_consistency_loss,
+)
 
 
 def _log_sigmoid(v: float) -> float:
@@ -20,8 +28,7 @@ def _log_sigmoid(v: float) -> float:
 
 def test_style_consistency_equals_hand_computation():
     # B = 2 samples, M = 2 modalities, D = 2; stacked order p = (b, j): s(0,0), s(0,1), s(1,0), s(1,1)
-    styles = torch.tensor([[[3.0, 0.0], [0.0, 2.0]],
-                           [[1.0, 1.0], [-1.0, 1.0]]])
+    styles = torch.tensor([[[3.0, 0.0], [0.0, 2.0]], [[1.0, 1.0], [-1.0, 1.0]]])
     tau = 2.0
     vecs = [(1, 0), (0, 1), (1 / math.sqrt(2), 1 / math.sqrt(2)), (-1 / math.sqrt(2), 1 / math.sqrt(2))]
     mods = [0, 1, 0, 1]
@@ -79,7 +86,7 @@ def test_dct_ssim_loss_is_zero_for_identical_images_and_grows_with_blur():
     assert dct_ssim_loss(img, img).item() == pytest.approx(0.0, abs=1e-5)
     losses = [dct_ssim_loss(_blur(img, s), img).item() for s in (0.5, 1.0, 2.0, 4.0)]
     assert losses[0] > 1e-3
-    assert all(a < b for a, b in zip(losses, losses[1:])), losses
+    assert all(a < b for a, b in zip(losses, losses[1:], strict=False)), losses
     assert structure_aware_loss(img, img).item() == pytest.approx(0.0, abs=1e-5)
 
 

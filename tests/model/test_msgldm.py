@@ -21,14 +21,18 @@ def test_latent_round_trip_shapes_and_channel_blocks(micro_cfg):
     single, _ = model.autoencoder.encode(x[:, 2:3])
     assert torch.allclose(z[:, 8:12], single, atol=1e-5)  # modality j owns channels 4j..4j+3
     assert model.decode_latents(z, [1, 3]).shape == (2, 2, 32, 32)
-    assert model.latent_mask(torch.tensor([[True, False, False, True]]))[0, :, 0, 0].tolist() == [1.0] * 4 + [0.0] * 8 + [1.0] * 4
+    assert (
+        model.latent_mask(torch.tensor([[True, False, False, True]]))[0, :, 0, 0].tolist()
+        == [1.0] * 4 + [0.0] * 8 + [1.0] * 4
+    )
 
 
 def test_diffusion_loss_backpropagates_into_the_unet_only(micro_cfg):
     model = MSGLDM(micro_cfg)
     x = torch.rand(2, 4, 32, 32) * 2 - 1
-    loss = model.diffusion_training_loss(x, torch.tensor([[1, 0, 0, 1], [0, 1, 1, 1]], dtype=torch.bool),
-                                         torch.Generator().manual_seed(0))
+    loss = model.diffusion_training_loss(
+        x, torch.tensor([[1, 0, 0, 1], [0, 1, 1, 1]], dtype=torch.bool), torch.Generator().manual_seed(0)
+    )
     loss.backward()
     assert loss.item() > 0
     assert all(p.grad is None for p in model.structure.parameters())
@@ -76,8 +80,10 @@ def test_tiny_model_overfits_a_batch_of_real_slices():
     """Stage-1 reconstruction of two real slices (T1 + FLAIR, 64x64 brain crop): the L1 loss falls 5-fold."""
     from model.io.nifti import read_nifti
 
-    study = {"t1": read_nifti(BRATS / "BraTS-GLI-00001-000-t1n.nii.gz"),
-             "flair": read_nifti(BRATS / "BraTS-GLI-00001-000-t2f.nii.gz")}
+    study = {
+        "t1": read_nifti(BRATS / "BraTS-GLI-00001-000-t1n.nii.gz"),
+        "flair": read_nifti(BRATS / "BraTS-GLI-00001-000-t2f.nii.gz"),
+    }
     cfg = micro_config(**{"preprocess.image_size": 64, "modalities": ["t1", "flair"]})
     prep = prepare_study(study, cfg.modalities, cfg.preprocess)
     mid = len(prep.x) // 2

@@ -22,7 +22,8 @@ def test_schedule_is_linear_in_sqrt_beta():
 def test_ddim_timesteps_match_compvis_uniform_spacing():
     s = DDIMScheduler(DiffusionConfig())
     ts = s.timesteps(100)
-    assert ts[0] == 991 and ts[-1] == 1 and len(ts) == 100 and all(a - b == 10 for a, b in zip(ts, ts[1:]))
+    assert ts[0] == 991 and ts[-1] == 1 and len(ts) == 100
+    assert all(a - b == 10 for a, b in zip(ts, ts[1:], strict=False))
     assert len(s.timesteps(7)) == 7
     with pytest.raises(ValueError):
         s.timesteps(0)

@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.structure import HFIB, MMSF, MSSE, ReconstructionDecoder, SegmentationDecoder, StructureEncoder, \
-    StructureModel, StyleEncoder
+from model.structure import (
+    HFIB,
+    MMSF,
+    MSSE,
+    ReconstructionDecoder,
+    SegmentationDecoder,
+    StructureEncoder,
+    StructureModel,
+    StyleEncoder,
+)
 
 from .conftest import micro_config
 
@@ -24,8 +32,10 @@ def test_structure_encoder_shapes(size, fusion):
 def test_hfib_high_frequency_is_zero_on_constant_image(fusion):
     hfib = HFIB(3, fusion, sigma_init=0.7)
     const = torch.full((2, 3, 16, 16), 2.5)
-    assert torch.equal(hfib.high_frequency(const).abs().amax(), torch.tensor(0.0)) or \
-        hfib.high_frequency(const).abs().max() < 1e-6
+    assert (
+        torch.equal(hfib.high_frequency(const).abs().amax(), torch.tensor(0.0))
+        or hfib.high_frequency(const).abs().max() < 1e-6
+    )
     edge = torch.zeros(1, 3, 16, 16)
     edge[..., 8:] = 1.0
     high = hfib.high_frequency(edge)

@@ -67,8 +67,24 @@ def test_masker_draws_non_empty_subsets_of_the_present_modalities():
 
 
 def _args(preset: Path, data: Path, out: Path, steps: str) -> list[str]:
-    return ["--preset", str(preset), "--stage", "all", "--data", str(data), "--out", str(out), "--max-steps", steps,
-            "--val-fraction", "0.5", "--threads", "1", "--seed", "0"]
+    return [
+        "--preset",
+        str(preset),
+        "--stage",
+        "all",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--max-steps",
+        steps,
+        "--val-fraction",
+        "0.5",
+        "--threads",
+        "1",
+        "--seed",
+        "0",
+    ]
 
 
 def test_three_stages_train_get_interrupted_and_resume(tmp_path, dataset_root, monkeypatch):
@@ -101,7 +117,9 @@ def test_three_stages_train_get_interrupted_and_resume(tmp_path, dataset_root, m
     assert metrics["steps"] == {"stage0": 2, "stage1": 2, "stage2": 4}
     assert model.cfg.train_spacing is not None
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert {(r["stage"], r["split"]) for r in records} >= {(s, "train") for s in range(3)} | {(s, "val") for s in range(3)}
+    assert {(r["stage"], r["split"]) for r in records} >= {(s, "train") for s in range(3)} | {
+        (s, "val") for s in range(3)
+    }
     assert all(np.isfinite(r["loss"]) for r in records if r["split"] == "train")
     # the stage-2 weights in the export are the EMA ones
     ema = torch.load(out / "stage2.pt", weights_only=False)["ema"]
@@ -112,5 +130,17 @@ def test_stage_two_alone_needs_the_earlier_stages(tmp_path, dataset_root):
     preset = tmp_path / "micro.yaml"
     preset.write_text(yaml.safe_dump(json.loads(micro_config().to_json())))
     with pytest.raises(SystemExit, match="stage 0"):
-        train_mod.main(["--preset", str(preset), "--stage", "2", "--data", str(dataset_root),
-                        "--out", str(tmp_path / "r"), "--max-steps", "1"])
+        train_mod.main(
+            [
+                "--preset",
+                str(preset),
+                "--stage",
+                "2",
+                "--data",
+                str(dataset_root),
+                "--out",
+                str(tmp_path / "r"),
+                "--max-steps",
+                "1",
+            ]
+        )

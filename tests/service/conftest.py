@@ -179,6 +179,7 @@ class Service:
     stack: Stack
     procs: dict[str, subprocess.Popen]
     logs: Path
+    env: dict[str, str]
 
     def client(self, key: str) -> httpx.Client:
         return httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {key}"}, timeout=60)
@@ -214,13 +215,13 @@ def service(stack: Stack, tmp_path: Path) -> Iterator[Service]:
     logs = tmp_path / "logs"
     logs.mkdir()
     port = free_port()
-    env = {**os.environ, **stack.env, "MSGLDM_JOBS__REAPER_INTERVAL_SECONDS": "1"}
+    env = {**os.environ, **stack.env, "MSGLDM_JOBS__REAPER_INTERVAL_SECONDS": "1", "MSGLDM_JOBS__LEASE_SECONDS": "15"}
     procs = {
         "api": start_process("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
                                      "--port", str(port)], env, logs),
         "worker": start_process("worker", worker_args(), env, logs),
     }
-    svc = Service(f"http://127.0.0.1:{port}", stack, procs, logs)
+    svc = Service(f"http://127.0.0.1:{port}", stack, procs, logs, env)
     deadline = time.monotonic() + 120
     while True:
         try:
