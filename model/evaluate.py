@@ -2,7 +2,8 @@
 
     python -m model.evaluate --checkpoint DIR --data PATH --out DIR [--cases ID ...] [--split val|test|all --seed S]
         [--steps N] [--max-slices N] [--available 1,2,3] [--max-subsets N] [--targets t1,flair]
-        [--baselines DIR] [--train-cases ID ...] [--baseline-steps N] [--no-baselines]
+        [--baselines DIR] [--train-cases ID ...] [--baseline-steps N] [--no-baselines] [--no-dice]
+    python -m model.evaluate merge FOLD_A/report.json FOLD_B/report.json --out DIR   # pool cross-validation folds
 
 For every held-out case, every target modality and every subset of the other modalities (grouped by its size,
 the paper's M-bar), the MSG-LDM checkpoint and the two baselines (``model.baselines``) synthesize the target
@@ -613,8 +614,55 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def merge_reports(paths: Sequence[str | Path], out: str | Path, title: str | None = None) -> dict:
+    """Pool several reports (e.g. the folds of a cross-validation) into one: results concatenated, summary and
+    ceiling recomputed, each fold's checkpoint and command kept. Writes ``report.json`` and ``report.md``."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    if not reports:
+        raise EvaluationError("merge needs at least one report.json")
+    results = [{**r, "fold": i} for i, rep in enumerate(reports) for r in rep["results"]]
+    ceilings = []
+    for rep in reports:
+        for t, cells in rep.get("ceiling", {}).items():
+            ceilings.append({"target": t, "method": "ceiling", "n_available": 0,
+                             **{k: v["mean"] for k, v in cells.get("all", {}).items()}})
+    merged = {
+        "title": title or "merged: " + "; ".join(r.get("title", "") for r in reports),
+        "checkpoint": ", ".join(str(r.get("checkpoint")) for r in reports),
+        "version": ", ".join(str(r.get("version")) for r in reports),
+        "command": " ; ".join(r.get("command", "") for r in reports),
+        "cases": [c for r in reports for c in r.get("cases", [])],
+        "folds": [{k: r.get(k) for k in ("checkpoint", "version", "command", "cases", "baseline_train_cases",
+                                          "steps", "max_slices", "wall_seconds")} for r in reports],
+        "seg_is_prediction": any(r.get("seg_is_prediction") for r in reports),
+        "steps": reports[0].get("steps"),
+        "seed": reports[0].get("seed"),
+        "max_slices": reports[0].get("max_slices"),
+        "protocol": reports[0].get("protocol"),
+        "results": results,
+        "summary": summarize(results),
+        "ceiling": summarize(ceilings).get("ceiling", {}),
+        "figures": {},
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(merged, indent=1, default=_json_default))
+    (out / "report.md").write_text(markdown_report(merged))
+    return merged
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:  # python -m model.evaluate merge A/report.json B/report.json --out DIR
+        mp = argparse.ArgumentParser(prog="python -m model.evaluate merge", description=merge_reports.__doc__)
+        mp.add_argument("reports", nargs="+")
+        mp.add_argument("--out", required=True)
+        mp.add_argument("--title", default=None)
+        margs = mp.parse_args(argv[1:])
+        merged = merge_reports(margs.reports, margs.out, margs.title)
+        print(f"wrote {Path(margs.out) / 'report.md'} ({len(merged['results'])} results)")
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -55,7 +55,9 @@ def ensure_model(env: dict[str, str]) -> None:
 
 
 def curl_example(port: int) -> str:
-    auth = '-H "Authorization: Bearer $(cat var/api-key)"'
+    key_file = VAR / "api-key"
+    key_path = key_file.relative_to(ROOT) if key_file.is_relative_to(ROOT) else key_file
+    auth = f'-H "Authorization: Bearer $(cat {key_path})"'
     return f"""
 Try it (from {ROOT}): submit the sample study without its FLAIR, wait, download the synthesized FLAIR:
 

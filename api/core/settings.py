@@ -6,6 +6,7 @@ SQLite file. Production (docker-compose.yml) sets PostgreSQL, Redis and MinIO th
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -14,7 +15,8 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parents[2]
-VAR = ROOT / "var"
+# Where the embedded stack keeps its files; a path outside the settings so that every default below follows it.
+VAR = Path(os.environ.get("MSGLDM_VAR_DIR", ROOT / "var")).resolve()
 
 
 class DatabaseSettings(BaseModel):

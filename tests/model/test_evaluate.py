@@ -182,3 +182,10 @@ def test_cli_on_a_random_tiny_checkpoint(tmp_path):
     assert set(report["ceiling"]) == {"t1", "t2", "t1ce", "flair"}
     (target,) = {r["target"] for r in report["results"]}  # one subset of 3 inputs: one target
     assert [p.name for p in (out / "figures").glob("*.png")] == [f"{target}.png"]
+    # pooling folds: results concatenated and tagged, summary recomputed
+    assert main(["merge", str(out / "report.json"), str(out / "report.json"), "--out", str(tmp_path / "pooled")]) == 0
+    pooled = json.loads((tmp_path / "pooled" / "report.json").read_text())
+    assert len(pooled["results"]) == 2 * len(report["results"]) and {r["fold"] for r in pooled["results"]} == {0, 1}
+    n = pooled["summary"]["nearest"][target]["all"]["paper_psnr"]["n"]
+    assert n == 2 * report["summary"]["nearest"][target]["all"]["paper_psnr"]["n"]
+    assert "| all | Regression U-Net |" in (tmp_path / "pooled" / "report.md").read_text()

@@ -194,8 +194,12 @@ def start_process(name: str, args: list[str], env: dict[str, str], logs: Path) -
 
 
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """SIGTERM to the process (Celery then stops its pool itself); SIGKILL to the whole group."""
     if proc.poll() is None:
-        os.killpg(proc.pid, sig)
+        if sig == signal.SIGKILL:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
