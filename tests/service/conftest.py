@@ -169,6 +169,14 @@ def run_cli(stack: Stack, *args: str) -> str:
     return out.stdout
 
 
+def migrate_in_process(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point this process at the stack and migrate it (the CLI's `migrate` runs in the process fixtures)."""
+    from api.cli import migrate
+
+    stack.apply(monkeypatch)
+    migrate()
+
+
 def create_key(stack: Stack, role: str) -> str:
     return run_cli(stack, "keys", "create", "--name", f"test {role}", "--role", role).strip().splitlines()[-1]
 
@@ -259,8 +267,7 @@ def app_client(stack: Stack, monkeypatch: pytest.MonkeyPatch):
     """The API in-process (FastAPI TestClient) on a migrated database of the given stack."""
     from fastapi.testclient import TestClient
 
-    run_cli(stack, "migrate")
-    stack.apply(monkeypatch)
+    migrate_in_process(stack, monkeypatch)
     from api.main import create_app
 
     with TestClient(create_app(), raise_server_exceptions=False) as client:

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.service.conftest import run_cli
+from tests.service.conftest import migrate_in_process, run_cli
 
 PROBLEM = "application/problem+json"
 
@@ -183,8 +183,7 @@ def test_upload_limit(stack, study, monkeypatch):
 
     from tests.service.conftest import clear_caches
 
-    run_cli(stack, "migrate")
-    stack.apply(monkeypatch)
+    migrate_in_process(stack, monkeypatch)
     key = create_key(stack, "integrator")
     monkeypatch.setenv("MSGLDM_API__MAX_UPLOAD_BYTES", "20000")
     clear_caches()

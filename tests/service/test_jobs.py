@@ -10,13 +10,12 @@ from sqlalchemy import select
 from api.core import jobs
 from api.core.db import session_scope
 from api.core.models import ApiKey, Job, JobStatus, utcnow
-from tests.service.conftest import run_cli
+from tests.service.conftest import migrate_in_process
 
 
 @pytest.fixture
 def session(stack, monkeypatch):
-    run_cli(stack, "migrate")
-    stack.apply(monkeypatch)
+    migrate_in_process(stack, monkeypatch)
     with session_scope() as s:
         s.add(ApiKey(id="k", name="t", role="integrator", prefix="p", key_hash="h"))
     with session_scope() as s:
