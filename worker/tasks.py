@@ -139,14 +139,15 @@ def run_job(job_id: str) -> str:
             def progress(phase: str, fraction: float) -> None:
                 lease.update(phase=phase, progress=int(5 + 90 * fraction))
 
-            result = synth.synthesize(study, job.targets, steps=job.steps, seed=job.seed, samples=job.samples,
+            steps = job.steps or settings.inference.default_steps or synth.default_steps
+            result = synth.synthesize(study, job.targets, steps=steps, seed=job.seed, samples=job.samples,
                                       progress=progress)
             timings |= {k: float(v) for k, v in result.timings.items()}
             lease.update(phase="writing", progress=96)
             t0 = time.perf_counter()
             record = {
                 "job_id": job.id, "attempt": claim.attempt, "model_version": synth.version,
-                "device": runtime.device_name(), "seed": job.seed, "steps": job.steps or synth.default_steps,
+                "device": runtime.device_name(), "seed": job.seed, "steps": steps,
                 "samples": job.samples, "targets": job.targets,
                 "inputs": {m: {"sha256": i["sha256"], "bytes": i["bytes"], "shape": i["shape"]}
                            for m, i in job.inputs.items()},

@@ -132,6 +132,7 @@ class S3Storage:
 
     def _call(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         from minio.error import S3Error
+        from urllib3.exceptions import HTTPError
 
         try:
             return fn(*args, **kwargs)
@@ -139,7 +140,7 @@ class S3Storage:
             if exc.code in ("NoSuchKey", "NoSuchObject"):
                 raise ObjectNotFound(args[1] if len(args) > 1 else "") from exc
             raise StorageError(f"object storage refused {fn.__name__}: {exc.code}") from exc
-        except (OSError, ValueError) as exc:  # urllib3 connection errors are OSErrors
+        except (OSError, ValueError, HTTPError) as exc:  # connection refused, retries exhausted, bad answers
             raise StorageError(f"object storage unreachable during {fn.__name__}: {exc}") from exc
 
     def put_stream(self, key: str, stream: BinaryIO, length: int = -1) -> None:

@@ -228,3 +228,44 @@ def test_health_metrics_and_openapi(app_client, stack):
     body = spec["paths"]["/api/v1/synthesize"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert {"t1", "t2", "t1ce", "flair", "targets", "steps", "seed"} <= set(body["schema"]["properties"])
     assert spec["components"]["schemas"]["JobPublic"]["examples"]
+
+
+def test_dependencies_down_are_503_with_retry_after(stack, study, monkeypatch):
+    """A dead object store, broker or database is a 503 with Retry-After; nothing is half-created."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.service.conftest import clear_caches, free_port
+
+    migrate_in_process(stack, monkeypatch)
+    key = create_key(stack, "integrator")
+    dead = f"127.0.0.1:{free_port()}"
+    cases = {
+        "storage_unavailable": {"MSGLDM_STORAGE__BACKEND": "s3", "MSGLDM_STORAGE__ENDPOINT": dead},
+        "broker_unavailable": {"MSGLDM_BROKER__URL": f"redis://{dead}/0"},
+    }
+    for code, env in cases.items():
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        clear_caches()
+        with TestClient(create_app()) as client:
+            body = assert_problem(client.post("/api/v1/synthesize", headers=auth(key), **upload(study)), 503, code)
+            assert body["type"] == f"/problems/{code}"
+        for name in env:
+            if name in stack.env:
+                monkeypatch.setenv(name, stack.env[name])
+            else:
+                monkeypatch.delenv(name)
+        clear_caches()
+        with TestClient(create_app()) as client:  # nothing was left behind by the failed submission
+            assert client.get("/api/v1/jobs", headers=auth(key)).json()["items"] == []
+    from api.core.storage import get_storage
+
+    assert get_storage().list_keys("jobs/") == []
+    monkeypatch.setenv("MSGLDM_DATABASE__URL", f"postgresql+psycopg://postgres@{dead}/x")
+    clear_caches()
+    with TestClient(create_app()) as client:
+        r = client.get("/api/v1/jobs", headers=auth(key))
+        assert_problem(r, 503, "database_unavailable")
+        assert r.headers["retry-after"]
+    clear_caches()
