@@ -152,6 +152,7 @@ def run_job(job_id: str) -> str:
                 "inputs": {m: {"sha256": i["sha256"], "bytes": i["bytes"], "shape": i["shape"]}
                            for m, i in job.inputs.items()},
                 "timings_seconds": timings,
+                "synthesis": getattr(result, "meta", {}),  # reference modality, slices, eta, warnings
             }
             results = _write_results(job, claim, result, record, workdir)
             timings["write"] = time.perf_counter() - t0

@@ -38,6 +38,7 @@ def test_synthesize_missing_flair(service):
         record = client.get(job["results"]["record.json"]).json()
         assert record["seed"] == 7 and record["steps"] == 2 and record["model_version"] == job["model_version"]
         assert set(record["inputs"]) == {"t1", "t1ce", "t2"} and record["timings_seconds"]
+        assert record["synthesis"]["reference"] == "t1" and record["synthesis"]["slices"] > 0
 
         # the radiologist reads it; a second integrator cannot
         reader = create_key(service.stack, "radiologist")
