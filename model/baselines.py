@@ -270,16 +270,26 @@ def training_slices(cases: Sequence[Case], modalities: Sequence[str], preprocess
 
 
 def train_regression_unet(x: np.ndarray, cfg: RegressionUNetConfig,
-                          on_step: Callable[[int, float], None] | None = None):
+                          on_step: Callable[[int, float], None] | None = None, threads: int | None = 1):
     """Train with L1 on the missing modalities only; deterministic for ``cfg.seed`` (single thread, CPU).
 
     Per sample the number of available modalities is uniform in 1..M-1 and the subset random (the MSG-LDM
     masking, leaving at least one target); with ``cfg.train_crop`` each sample is a random square crop (4x cheaper
-    at 96 of 192; the network is fully convolutional). ``x``: ``(N, M, H, W)`` in [-1, 1]. Returns the network in
-    eval mode.
+    at 96 of 192; the network is fully convolutional). ``x``: ``(N, M, H, W)`` in [-1, 1]. Runs on ``threads``
+    CPU threads (default 1; None keeps torch's setting). Returns the network in eval mode.
     """
     if x.ndim != 4 or x.shape[1] != len(cfg.modalities):
         raise BaselineError(f"training slices must be (N, {len(cfg.modalities)}, H, W), got {x.shape}")
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _train(x, cfg, on_step)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(x: np.ndarray, cfg: RegressionUNetConfig, on_step: Callable[[int, float], None] | None):
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     net = RegressionUNet(cfg)

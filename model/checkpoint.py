@@ -47,6 +47,8 @@ def save_checkpoint(
         metadata={**meta, "ema": str(unet_state is not None)},
     )
     (out / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True) + "\n")
+    for name in WEIGHT_FILES.values():  # safetensors writes 0600; a served model must be readable by its workers
+        (out / name).chmod(0o644)
     return out
 
 

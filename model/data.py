@@ -354,3 +354,28 @@ def validate_dataset(root: str | Path | Sequence[str | Path], layout: str = "aut
         "cases": rows,
         "problems": problems,
     }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m model.data PATH [PATH ...] [--layout L]``: print the :func:`validate_dataset` report as JSON."""
+    import argparse
+    import json
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m model.data", description="Check a dataset folder's cases and files")
+    p.add_argument("root", nargs="+", help="dataset folder, or case folders")
+    p.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS))
+    p.add_argument("--no-labels", action="store_true", help="skip reading the segmentations' label values")
+    args = p.parse_args(argv)
+    try:
+        report = validate_dataset(args.root if len(args.root) > 1 else args.root[0], args.layout,
+                                  check_labels=not args.no_labels)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 1 if report["problems"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

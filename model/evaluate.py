@@ -14,8 +14,9 @@ from the same inputs, and each output is scored by
    the brain mask; prediction: as synthesized, not re-normalised), PSNR and SSIM (Gaussian 11, sigma 1.5,
    data_range 1) per slice, averaged per volume; MAE over the brain mask in the same [0, 1] scale;
 2. the **BraSyn protocol (3D)**: on the original grid, each volume clipped to its own [0.5, 99.5] percentiles and
-   scaled to [0, 1] independently; 3D SSIM over the whole volume; with a segmentation, SSIM of the volumes
-   multiplied by the tumour mask and by its complement (the BraSyn scorer's definition); PSNR over the brain mask;
+   scaled to [0, 1] independently; 3D SSIM over the whole volume; with a segmentation, the 3D SSIM map averaged
+   inside the tumour (WT) and over the rest of the brain (the BraSyn scorer multiplies the volumes by the mask
+   instead, which scores ~1 for any prediction); PSNR over the brain mask;
 3. **Dice** (when the case has a segmentation and the checkpoint a segmentation decoder): the checkpoint's own
    structure-model segmentation (``Synthesizer.segment``) of the available + synthesized inputs against the
    case's labels (WT, TC, ET, 3D on the grid); ``dice_real_*`` is the same segmenter on all real inputs;
@@ -52,6 +53,7 @@ from model.metrics import (
     psnr,
     psnr_slices,
     ssim,
+    ssim_in_masks,
     ssim_slices,
 )
 
@@ -108,14 +110,17 @@ def axial_axis(affine: np.ndarray) -> int:
 
 def crop_axial(volumes: dict[str, Volume], seg: Volume | None, max_slices: int
                ) -> tuple[dict[str, Volume], Volume | None]:
-    """Keep ``max_slices`` axial slices centred on the brain (the same block of every volume), fixing affines."""
+    """Keep ``max_slices`` axial slices (the same block of every volume, affines fixed), centred on the tumour
+    when ``seg`` labels one (so that the tumour metrics see it), else on the brain."""
     ref = next(iter(volumes.values()))
     axis = axial_axis(ref.affine)
     n = ref.shape[axis]
     if max_slices <= 0 or max_slices >= n:
         return volumes, seg
-    brain = np.logical_or.reduce([v.data > 0 for v in volumes.values()])
-    profile = brain.sum(axis=tuple(a for a in range(3) if a != axis)).astype(float)
+    focus = np.logical_or.reduce([v.data > 0 for v in volumes.values()])
+    if seg is not None and seg.shape == ref.shape and (seg.data > 0).any():
+        focus = seg.data > 0
+    profile = focus.sum(axis=tuple(a for a in range(3) if a != axis)).astype(float)
     centre = int(round((profile * np.arange(n)).sum() / profile.sum())) if profile.sum() else n // 2
     start = int(np.clip(centre - max_slices // 2, 0, n - max_slices))
     index = [slice(None)] * 3
@@ -213,9 +218,11 @@ def score(pred: Volume, target: str, ref: CaseReference) -> dict[str, float]:
     out["brasyn_ssim"] = ssim(pb, yb, 1.0)
     out["brasyn_psnr"] = min(psnr(pb, yb, 1.0, mask=ref.brain), PSNR_CAP)
     if ref.tumour is not None and ref.tumour.any():
-        m = ref.tumour.astype(np.float64)
-        out["brasyn_ssim_tumour"] = ssim(pb * m, yb * m, 1.0)
-        out["brasyn_ssim_non_tumour"] = ssim(pb * (1 - m), yb * (1 - m), 1.0)
+        # the 3D SSIM map averaged inside the tumour and over the rest of the brain. (The BraSyn scorer instead
+        # takes the SSIM of the volumes multiplied by the mask, which is ~1 for any prediction: mostly zeros.)
+        inside = ssim_in_masks(pb, yb, {"tumour": ref.tumour, "non_tumour": ref.brain & ~ref.tumour}, 1.0)
+        out["brasyn_ssim_tumour"] = inside["tumour"]
+        out["brasyn_ssim_non_tumour"] = inside["non_tumour"]
     return out
 
 
@@ -263,6 +270,12 @@ def evaluate_cases(
         images = {m: v for m, v in images.items() if m in modalities}
         if len(images) < 2:
             log.warning("case %s has fewer than two of %s: skipped", case.id, modalities)
+            continue
+        grid = next(iter(images.values()))
+        off = [m for m, v in images.items()
+               if v.shape != grid.shape or not np.allclose(v.affine, grid.affine, atol=1e-3)]
+        if off:  # e.g. IXI: modalities not co-registered, so there is no voxelwise reference
+            log.warning("case %s skipped: %s not on the grid of the other modalities", case.id, off)
             continue
         if max_slices:
             images, seg = crop_axial(images, seg, max_slices)
@@ -430,11 +443,11 @@ def figure(path: Path, case_id: str, target: str, study: dict[str, Volume], pred
         axes[1, j].imshow(img, cmap="gray", vmin=0, vmax=1)
         axes[1, j].set_title(title, fontsize=8)
         axes[2, j].imshow(np.abs(img - reference), cmap="magma", vmin=0, vmax=0.5)
-        axes[2, j].set_title(f"|error| MAE {np.abs(img - reference).mean():.3f}", fontsize=8)
+        axes[2, j].set_title(f"|error|, slice MAE {np.abs(img - reference).mean():.3f}", fontsize=8)
     fig.suptitle(f"{case_id}: {target} from {'+'.join(study)}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=72)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
     return path
 
@@ -582,8 +595,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
                      f"{list(cfg.preprocess.clip_percentiles)} percentiles in the brain mask), PSNR/SSIM data_range 1, "
                      f"Gaussian window 11 sigma 1.5, mean over slices per volume; PSNR capped at {PSNR_CAP} dB",
             "brasyn": "3D on the original grid, each volume clipped to its own [0.5, 99.5] percentiles (>= 0) and "
-                      "scaled to [0, 1]; SSIM over the whole volume; tumour/non-tumour SSIM of the volumes times the "
-                      "WT mask / its complement; PSNR over the brain mask, data_range 1",
+                      "scaled to [0, 1]; SSIM over the whole volume; tumour / non-tumour SSIM = the 3D SSIM map "
+                      "averaged inside the WT mask / over the rest of the brain; PSNR over the brain mask, "
+                      "data_range 1",
             "mae": "mean |prediction - reference| over the brain mask, model [0, 1] normalisation",
             "seconds": "wall time of the synthesis call divided by the number of targets it produced",
         },

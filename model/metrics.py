@@ -142,6 +142,23 @@ def ssim(x: np.ndarray, y: np.ndarray, data_range: float = 1.0, mask: np.ndarray
     return float((inner.sum(dtype=np.float64) + (total - inner.size)) / total)
 
 
+def ssim_in_masks(x: np.ndarray, y: np.ndarray, masks: dict[str, np.ndarray], data_range: float = 1.0
+                  ) -> dict[str, float]:
+    """Mean of one SSIM map (all axes) inside each of several masks: ``{name: mean}`` (``nan`` for an empty
+    mask). Computes the map once, e.g. for tumour / non-tumour SSIM of a volume."""
+    x, y = _pair(x, y)
+    axes = tuple(range(x.ndim))
+    smap = _crop(ssim_map(x, y, data_range, axes=axes), axes)
+    out = {}
+    for name, mask in masks.items():
+        m = np.asarray(mask, dtype=bool)
+        if m.shape != x.shape:
+            raise ValueError(f"mask {name!r} shape {m.shape} differs from image shape {x.shape}")
+        m = _crop(m, axes)
+        out[name] = float(smap[m].mean(dtype=np.float64)) if m.any() else float("nan")
+    return out
+
+
 def ssim_3d(x: np.ndarray, y: np.ndarray, data_range: float = 1.0, mask: np.ndarray | None = None) -> float:
     """3D SSIM of two volumes (the BraSyn protocol's measure)."""
     if np.ndim(x) != 3:

@@ -232,3 +232,15 @@ def test_shared_sample_data():
     assert images["flair"].shape == (240, 240, 155) and seg is not None
     regions = seg_to_regions(seg.data, tcga.layout)
     assert regions[1].sum() > 0 and regions[1].sum() == (seg.data > 0).sum()
+
+
+def test_cli_reports_problems_with_exit_code(tmp_path, capsys):
+    from model.data import main
+
+    _brats(tmp_path, "BraTS20_Training_003", "_", ["t1", "t2"])
+    assert main([str(tmp_path)]) == 0
+    assert '"n_cases": 1' in capsys.readouterr().out
+    _write(tmp_path / "BraTS20_Training_003" / "BraTS20_Training_003_flair.nii.gz", shape=(3, 3, 3))
+    assert main([str(tmp_path)]) == 1
+    assert "flair shape (3, 3, 3) differs" in capsys.readouterr().out
+    assert main([str(tmp_path / "missing")]) == 2

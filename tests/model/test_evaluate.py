@@ -87,6 +87,10 @@ def test_crop_axial_keeps_world_coordinates():
     start = int(round(np.linalg.solve(LPS, v.affine @ np.array([0, 0, 0, 1.0]))[2]))
     np.testing.assert_array_equal(v.data, vols["t1"].data[:, :, start : start + 6])
     assert crop_axial(vols, None, 100)[0] is vols  # no-op when asking for more than there is
+    labels = np.zeros(seg.shape, dtype=np.float32)
+    labels[10:12, 10:12, 11:13] = 1  # a lesion near the top: the slab follows it
+    _, lseg = crop_axial(vols, Volume(labels, LPS), 6)
+    assert lseg is not None and lseg.data.sum() == labels.sum()
 
 
 def test_score_perfect_and_degraded_predictions(tmp_path):
@@ -189,3 +193,16 @@ def test_cli_on_a_random_tiny_checkpoint(tmp_path):
     n = pooled["summary"]["nearest"][target]["all"]["paper_psnr"]["n"]
     assert n == 2 * report["summary"]["nearest"][target]["all"]["paper_psnr"]["n"]
     assert "| all | Regression U-Net |" in (tmp_path / "pooled" / "report.md").read_text()
+
+
+def test_cases_off_one_grid_are_skipped(tmp_path, caplog):
+    for mod, shape in (("T1", (24, 24, 12)), ("T2", (20, 24, 12))):
+        path = tmp_path / f"IXI002-Guys-0828-{mod}.nii.gz"
+        nib.save(nib.Nifti1Image(np.ones(shape, np.float32), np.eye(4)), str(path))
+    (case,) = find_cases(tmp_path)
+
+    def never(study, targets, steps, seed):
+        raise AssertionError("a case without one grid must not be synthesized")
+
+    results = evaluate_cases([case], [Method("msgldm", never)], ("t1", "t2"), PreprocessConfig(image_size=32))
+    assert results == [] and "IXI002-Guys-0828 skipped" in caplog.text and "t2" in caplog.text

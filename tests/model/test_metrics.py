@@ -158,3 +158,16 @@ def test_ssim_background_skip_is_exact(where):
     full = _crop(ssim_map(x, y, 1.0, axes=axes), axes).mean()
     assert ssim(x, y) == pytest.approx(full, abs=1e-12)
     assert ssim(np.zeros((12, 12)), np.zeros((12, 12))) == 1.0
+
+
+def test_ssim_in_masks_matches_masked_ssim():
+    from model.metrics import ssim_in_masks
+
+    rng = np.random.default_rng(5)
+    x = rng.random((20, 22, 16))
+    y = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1)
+    inner = np.zeros(x.shape, dtype=bool)
+    inner[8:12, 9:13, 6:10] = True
+    out = ssim_in_masks(x, y, {"in": inner, "out": ~inner, "none": np.zeros(x.shape, bool)})
+    assert out["in"] == pytest.approx(ssim(x, y, mask=inner)) and out["out"] == pytest.approx(ssim(x, y, mask=~inner))
+    assert np.isnan(out["none"])
