@@ -18,6 +18,7 @@ run: $(VENV)/.installed
 	PORT=$(PORT) $(PY) ops/run_local.py
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check api worker model ops tests
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed
