@@ -190,7 +190,7 @@ class DiffusionConfig:
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"  # linear in sqrt(beta) (CompVis "linear")
-    prediction: Literal["epsilon"] = "epsilon"
+    prediction: Literal["epsilon", "sample"] = "epsilon"  # what the UNet predicts: eps (paper) or z0 ("sample")
     latent_scale: float = 1.0  # authors: no latent std scaling with the VQ autoencoder
     ema_decay: float = 0.9999
     lr: float = 1e-4
@@ -210,6 +210,7 @@ class DiffusionConfig:
             f"default_steps={self.default_steps} must lie in [1, {self.num_train_timesteps}]",
         )
         _check(0.0 <= self.eta <= 1.0, f"eta must lie in [0, 1], got {self.eta}")
+        _check(self.prediction in ("epsilon", "sample"), f"prediction must be epsilon|sample, got {self.prediction!r}")
 
 
 @dataclass(frozen=True)

@@ -470,8 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, nargs="+", help="dataset folder(s) or case folders")
     p.add_argument("--layout", default="auto")
     p.add_argument("--cases", nargs="*", help="case ids to evaluate (default: the --split)")
-    p.add_argument("--split", choices=("val", "test", "all"), default="all")
-    p.add_argument("--seed", type=int, default=0, help="split seed and sampling seed")
+    p.add_argument("--split", choices=("val", "test", "all"), default="all",
+                   help="val/test: the split recorded in the checkpoint's metrics.json, else computed with --seed")
+    p.add_argument("--seed", type=int, default=0,
+                   help="split seed (when the checkpoint records none) and sampling seed")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--test-fraction", type=float, default=0.0)
     p.add_argument("--out", required=True, help="output folder for report.json, report.md, figures/")
@@ -490,11 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_baselines(args, modalities, preprocess_cfg, train_cases: list[Case]) -> list[Method]:
+def _load_baselines(args, cfg, train_cases: list[Case]) -> list[Method]:
+    """The two baselines from ``--baselines`` (default ``OUT/baselines``), fitted/trained on ``train_cases`` and
+    saved there when absent. The U-Net takes the checkpoint's structure-encoder widths and preprocessing."""
     from dataclasses import asdict
 
     from model.baselines import NearestModalityBaseline, RegressionUNetBaseline, RegressionUNetConfig
 
+    modalities, preprocess_cfg = list(cfg.modalities), cfg.preprocess
     root = Path(args.baselines) if args.baselines else Path(args.out) / "baselines"
     methods = []
     if (root / "nearest" / "baseline.json").is_file():
@@ -510,17 +515,27 @@ def _load_baselines(args, modalities, preprocess_cfg, train_cases: list[Case]) -
     else:
         if not train_cases:
             raise EvaluationError("no training cases to train the regression U-Net: give --train-cases or --baselines")
-        import torch
-
-        torch.set_num_threads(1)
-        log.info("training the regression U-Net baseline (%d steps) on %s", args.baseline_steps,
+        log.info("training the regression U-Net baseline (%d steps, one thread) on %s", args.baseline_steps,
                  [c.id for c in train_cases])
-        cfg = RegressionUNetConfig(modalities=tuple(modalities), steps=args.baseline_steps, seed=args.seed,
-                                   preprocess=asdict(preprocess_cfg))
-        unet = RegressionUNetBaseline.train(train_cases, cfg)
+        ucfg = RegressionUNetConfig(modalities=tuple(modalities), channels=tuple(cfg.structure.channels),
+                                    steps=args.baseline_steps, seed=args.seed, preprocess=asdict(preprocess_cfg))
+        unet = RegressionUNetBaseline.train(train_cases, ucfg)
         unet.save(root / "unet")
     methods.append(baseline_method("unet", unet))
     return methods
+
+
+def recorded_split(checkpoint: str | Path) -> dict[str, list[str]] | None:
+    """The subject-level split the training run recorded in ``metrics.json`` (``{"train": [...], "val": [...]}``,
+    maybe ``"test"``), or None when the checkpoint has none."""
+    path = Path(checkpoint) / "metrics.json"
+    try:
+        split = json.loads(path.read_text()).get("split") if path.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(split, dict) or not isinstance(split.get("train"), list):
+        return None
+    return {k: [str(c) for c in v] for k, v in split.items() if k in ("train", "val", "test") and isinstance(v, list)}
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
@@ -539,6 +554,14 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         train_pool = [c for c in all_cases if c.id not in set(args.cases)]
     elif args.split == "all":
         eval_cases, train_pool = all_cases, []
+    elif (recorded := recorded_split(ckpt)) is not None and args.split in recorded:
+        # the split the training run wrote into the checkpoint's record wins: no leakage through a different seed
+        missing = [c for c in recorded[args.split] + recorded["train"] if c not in by_id]
+        if missing:
+            log.warning("cases %s of the checkpoint's recorded split are not under %s", missing, args.data)
+        eval_cases = [by_id[c] for c in recorded[args.split] if c in by_id]
+        train_pool = [by_id[c] for c in recorded["train"] if c in by_id]
+        log.info("using the checkpoint's recorded split: %d %s, %d train", len(eval_cases), args.split, len(train_pool))
     else:
         splits = split_cases(all_cases, seed=args.seed, val_fraction=args.val_fraction,
                              test_fraction=args.test_fraction)
@@ -564,8 +587,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
     synth = Synthesizer.from_pretrained(ckpt)
     methods = [synthesizer_method(synth)]
     if not args.no_baselines:
-        methods += _load_baselines(args, modalities, cfg.preprocess,
-                                   [c for c in train_pool if all(m in c.images for m in modalities)])
+        methods += _load_baselines(args, cfg, [c for c in train_pool if all(m in c.images for m in modalities)])
     segmenter = None
     if not args.no_dice and cfg.structure.segmentation and any(c.seg is not None for c in eval_cases):
         segmenter = synth

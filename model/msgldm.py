@@ -80,7 +80,7 @@ class MSGLDM(nn.Module):
         t = torch.randint(0, self.scheduler.num_train_timesteps, (x.shape[0],), generator=generator).to(x.device)
         eps = torch.randn(z0.shape, generator=generator).to(z0)
         z_t = self.scheduler.add_noise(z0, eps, t)
-        return diffusion_loss(self.unet(z_t, t, f_s), eps)
+        return diffusion_loss(self.unet(z_t, t, f_s), eps if self.cfg.diffusion.prediction == "epsilon" else z0)
 
     def denoise(
         self,
@@ -116,7 +116,7 @@ class MSGLDM(nn.Module):
             for start in range(0, shape[0], chunk_size):
                 sl = slice(start, start + chunk_size)
                 t_batch = torch.full((z[sl].shape[0],), t, device=z.device, dtype=torch.long)
-                eps = self.unet(z[sl], t_batch, f_s[sl]).float()
+                eps = self.scheduler.to_eps(self.unet(z[sl], t_batch, f_s[sl]).float(), t, z[sl])
                 z_next[sl], _ = self.scheduler.step(eps, t, t_prev, z[sl], eta, None if noise is None else noise[sl])
             if mask is not None:
                 if t_prev is None:

@@ -45,6 +45,14 @@ class DDIMScheduler:
         ts = [min(t, T - 1) for t in ts]
         return ts[::-1]
 
+    def to_eps(self, model_out: torch.Tensor, t: int, z_t: torch.Tensor) -> torch.Tensor:
+        """The UNet's output as a noise estimate: itself (``epsilon``) or, for ``sample`` (z0) prediction,
+        ``eps = (z_t - sqrt(abar_t) z0_hat) / sqrt(1 - abar_t)``."""
+        if self.cfg.prediction == "epsilon":
+            return model_out
+        a_t = float(self.alphas_cumprod[t])
+        return (z_t - a_t**0.5 * model_out) / (1.0 - a_t) ** 0.5
+
     def step(
         self,
         eps: torch.Tensor,

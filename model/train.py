@@ -352,7 +352,7 @@ def _diffusion_loss(
     t = torch.randint(0, model.scheduler.num_train_timesteps, (x.shape[0],), generator=gen).to(x.device)
     eps = torch.randn(z0.shape, generator=gen).to(z0)
     z_t = model.scheduler.add_noise(z0, eps, t)
-    return diffusion_loss(unet(z_t, t, f_s), eps)
+    return diffusion_loss(unet(z_t, t, f_s), eps if model.cfg.diffusion.prediction == "epsilon" else z0)
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,15 @@ def test_broken_checkpoints_raise_named_errors(tmp_path, micro_cfg):
     (tmp_path / "ck2" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="does not match"):
         load_checkpoint(tmp_path / "ck2")
+
+
+DEFAULT = Path(__file__).parents[2] / "model" / "default"
+
+
+@pytest.mark.skipif(not (DEFAULT / "config.json").is_file(), reason="model/default has no checkpoint")
+def test_the_shipped_default_model_loads_and_fits_the_size_budget():
+    model = load_checkpoint(DEFAULT)
+    assert model.cfg.modalities == ("t1", "t2", "t1ce", "flair") and model.cfg.name == "tiny"
+    assert checkpoint_version(DEFAULT).startswith("msgldm-tiny-")
+    assert json.loads((DEFAULT / "metrics.json").read_text())["trained"] is True
+    assert sum(f.stat().st_size for f in DEFAULT.rglob("*") if f.is_file()) <= 30 * 2**20

@@ -206,3 +206,13 @@ def test_cases_off_one_grid_are_skipped(tmp_path, caplog):
 
     results = evaluate_cases([case], [Method("msgldm", never)], ("t1", "t2"), PreprocessConfig(image_size=32))
     assert results == [] and "IXI002-Guys-0828 skipped" in caplog.text and "t2" in caplog.text
+
+
+def test_recorded_split_is_read_from_the_checkpoint(tmp_path):
+    from model.evaluate import recorded_split
+
+    assert recorded_split(tmp_path) is None
+    (tmp_path / "metrics.json").write_text(json.dumps({"split": {"train": ["a", "b"], "val": ["c"], "seed": 0}}))
+    assert recorded_split(tmp_path) == {"train": ["a", "b"], "val": ["c"]}
+    (tmp_path / "metrics.json").write_text("{}")
+    assert recorded_split(tmp_path) is None

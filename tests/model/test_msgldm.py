@@ -27,6 +27,18 @@ def test_latent_round_trip_shapes_and_channel_blocks(micro_cfg):
     )
 
 
+def test_sample_prediction_regresses_the_clean_latent():
+    torch.manual_seed(0)
+    model = MSGLDM(micro_config(**{"diffusion.prediction": "sample"}))
+    x = torch.rand(2, 4, 32, 32) * 2 - 1
+    avail = torch.ones(2, 4, dtype=torch.bool)
+    with torch.no_grad():
+        z0 = model.encode_latents(x)
+    # the zero-initialised UNet predicts 0, so the loss is the latents' mean square (not the noise's, ~1)
+    loss = model.diffusion_training_loss(x, avail, torch.Generator().manual_seed(0), z0=z0)
+    assert loss.item() == pytest.approx(z0.pow(2).mean().item(), rel=1e-5)
+
+
 def test_diffusion_loss_backpropagates_into_the_unet_only(micro_cfg):
     model = MSGLDM(micro_cfg)
     x = torch.rand(2, 4, 32, 32) * 2 - 1
@@ -39,10 +51,10 @@ def test_diffusion_loss_backpropagates_into_the_unet_only(micro_cfg):
     assert any(p.grad is not None for p in model.unet.parameters())
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_sampling_is_deterministic_for_a_seed(micro_cfg, eta):
+@pytest.mark.parametrize("eta,prediction", [(0.0, "epsilon"), (1.0, "epsilon"), (0.0, "sample")])
+def test_sampling_is_deterministic_for_a_seed(eta, prediction):
     torch.manual_seed(0)
-    model = MSGLDM(micro_cfg).eval()
+    model = MSGLDM(micro_config(**{"diffusion.prediction": prediction})).eval()
     torch.nn.init.normal_(model.unet.conv_out.weight, std=0.1)  # a non-trivial denoiser
     x = torch.rand(3, 4, 32, 32) * 2 - 1
     avail = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 1]], dtype=torch.bool)

@@ -62,3 +62,12 @@ def test_ddim_stochastic_step_needs_noise_and_adds_it():
     a, _ = s.step(eps, 501, 491, z, eta=1.0, noise=torch.ones_like(z))
     b, _ = s.step(eps, 501, 491, z, eta=0.0)
     assert not torch.allclose(a, b)
+
+
+def test_sample_prediction_is_converted_to_the_matching_noise():
+    s = DDIMScheduler(DiffusionConfig(prediction="sample"))
+    gen = torch.Generator().manual_seed(2)
+    z0, eps = torch.randn(2, 4, 3, 3, generator=gen), torch.randn(2, 4, 3, 3, generator=gen)
+    z_t = s.add_noise(z0, eps, torch.full((2,), 600))
+    assert torch.allclose(s.to_eps(z0, 600, z_t), eps, atol=1e-4)
+    assert torch.equal(DDIMScheduler(DiffusionConfig()).to_eps(eps, 600, z_t), eps)
