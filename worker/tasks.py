@@ -149,7 +149,8 @@ def run_job(job_id: str) -> str:
                 "job_id": job.id, "attempt": claim.attempt, "model_version": synth.version,
                 "device": runtime.device_name(), "seed": job.seed, "steps": steps,
                 "samples": job.samples, "targets": job.targets,
-                "inputs": {m: {"sha256": i["sha256"], "bytes": i["bytes"], "shape": i["shape"]}
+                "inputs": {m: {"sha256": i["sha256"], "bytes": i["bytes"], "shape": i["shape"],
+                               "nonfinite_voxels_set_to_0": study[m].meta.get("nonfinite_voxels", 0)}
                            for m, i in job.inputs.items()},
                 "timings_seconds": timings,
                 "synthesis": getattr(result, "meta", {}),  # reference modality, slices, eta, warnings
