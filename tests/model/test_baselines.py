@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import nibabel as nib
@@ -25,15 +24,6 @@ from model.io.volume import Volume
 from model.metrics import normalize_in_mask
 
 MODS = ("t1", "t2", "t1ce", "flair")
-HAS_PREPROCESS = importlib.util.find_spec("model.preprocess") is not None
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _phantom(shape=(24, 24, 12), seed=0) -> dict[str, np.ndarray]:
@@ -140,7 +130,6 @@ def test_regression_unet_training_is_deterministic_and_learns(tmp_path):
         RegressionUNetBaseline.load(tmp_path)
 
 
-@pytest.mark.skipif(not HAS_PREPROCESS, reason="model.preprocess (model-core helper) not available yet")
 def test_regression_unet_baseline_end_to_end_on_volumes(tmp_path):
     from model.config import PreprocessConfig
 

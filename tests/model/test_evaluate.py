@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from model.baselines import NearestModalityBaseline
 from model.config import PreprocessConfig
@@ -30,15 +28,6 @@ from model.io.volume import Volume
 
 MODS = ("t1", "t2", "t1ce", "flair")
 LPS = np.array([[-1.0, 0, 0, 120], [0, -1, 0, 120], [0, 0, 1, -60], [0, 0, 0, 1]])
-HAS_PIPELINE = importlib.util.find_spec("model.pipeline") is not None
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _phantom(shape=(28, 28, 14), seed=0) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -162,7 +151,6 @@ def test_evaluate_cases_summary_markdown_and_figures(tmp_path):
     assert (tmp_path / "figures" / "t1.png").stat().st_size < 300_000
 
 
-@pytest.mark.skipif(not HAS_PIPELINE, reason="model.pipeline (model-core helper) not available yet")
 def test_cli_on_a_random_tiny_checkpoint(tmp_path):
     from model.checkpoint import init_checkpoint
     from model.evaluate import main
