@@ -11,7 +11,6 @@ from typing import BinaryIO
 import nibabel as nib
 import numpy as np
 
-from api.core.storage import Storage
 from api.errors import ProblemError
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -67,13 +66,12 @@ def inspect_nifti_header(field: str, f: BinaryIO, *, max_voxels: int) -> tuple[i
     return shape
 
 
-def store_upload(storage: Storage, key: str, f: BinaryIO) -> tuple[str, int]:
-    """Stream ``f`` to ``key`` while hashing it; returns (sha256, bytes)."""
+def hash_upload(f: BinaryIO) -> tuple[str, int]:
+    """SHA-256 and size of an uploaded file, read once in blocks; the file is left at its start."""
     digest = hashlib.sha256()
     f.seek(0)
     while block := f.read(1024 * 1024):
         digest.update(block)
     size = f.tell()
     f.seek(0)
-    storage.put_stream(key, f, size)
     return digest.hexdigest(), size

@@ -24,7 +24,7 @@ from api.core.storage import Storage
 from api.deps import SessionDep, StorageDep
 from api.errors import ProblemError, unavailable
 from api.schemas import PROBLEM_RESPONSES, JobAccepted, Problem
-from api.uploads import inspect_nifti_header, store_upload
+from api.uploads import hash_upload, inspect_nifti_header
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["synthesis"])
@@ -128,14 +128,9 @@ def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str,
     if len(set(shapes.values())) > 1:
         raise ProblemError(422, "grid_mismatch", "the inputs are not on one grid: "
                            + ", ".join(f"{m} {s}" for m, s in shapes.items()))
-    digests = {m: hashlib.sha256() for m in req["inputs"]}
-    for m, d in digests.items():  # hash first, so a replay is answered before anything is stored
-        f = files[m].file
-        f.seek(0)
-        while block := f.read(1024 * 1024):
-            d.update(block)
+    hashed = {m: hash_upload(files[m].file) for m in req["inputs"]}  # so a replay is answered before storing
     request_hash = hashlib.sha256(json.dumps(
-        {"inputs": {m: d.hexdigest() for m, d in digests.items()}, **{k: v for k, v in req.items() if k != "inputs"}},
+        {"inputs": {m: sha for m, (sha, _) in hashed.items()}, **{k: v for k, v in req.items() if k != "inputs"}},
         sort_keys=True).encode()).hexdigest()
     if idempotency_key and (job := _existing(session, key, idempotency_key, request_hash)):
         return job
@@ -144,10 +139,13 @@ def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str,
     inputs: dict[str, Any] = {}
     try:
         for m in req["inputs"]:
-            files[m].file.seek(0)
-            suffix = ".nii.gz" if files[m].file.read(2) == b"\x1f\x8b" else ".nii"
+            f = files[m].file
+            f.seek(0)
+            suffix = ".nii.gz" if f.read(2) == b"\x1f\x8b" else ".nii"
+            f.seek(0)
             obj_key = f"jobs/{job_id}/inputs/{m}{suffix}"
-            sha, size = store_upload(storage, obj_key, files[m].file)
+            sha, size = hashed[m]
+            storage.put_stream(obj_key, f, size)
             inputs[m] = {"key": obj_key, "sha256": sha, "bytes": size, "shape": list(shapes[m])}
         job = Job(id=job_id, owner_id=key.id, idempotency_key=idempotency_key, request_hash=request_hash,
                   inputs=inputs, targets=req["targets"], formats=req["formats"], steps=req["steps"],

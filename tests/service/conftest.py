@@ -135,15 +135,11 @@ def real_stack(checkpoint: Path, s3_endpoint: str) -> Stack:
         "MSGLDM_STORAGE__REGION": "us-east-1",
         "MSGLDM_INFERENCE__CHECKPOINT": str(checkpoint),
     })
-    from api.core.settings import Settings
+    from api.core.settings import StorageSettings
     from api.core.storage import S3Storage
 
-    os.environ.update(stack.env)  # read once to build the bucket, then restored below
-    try:
-        S3Storage(Settings().storage).ensure_bucket()
-    finally:
-        for key in stack.env:
-            os.environ.pop(key, None)
+    S3Storage(StorageSettings(backend="s3", endpoint=s3_endpoint, access_key="testing", secret_key="testing",
+                              bucket=stack.env["MSGLDM_STORAGE__BUCKET"], region="us-east-1")).ensure_bucket()
     stack.cleanup.append(drop)
     return stack
 

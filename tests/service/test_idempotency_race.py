@@ -11,7 +11,7 @@ import numpy as np
 from tests.service.conftest import create_key
 
 
-def test_concurrent_replays_make_one_job(service, tmp_path):
+def test_concurrent_replays_make_one_job(service, monkeypatch):
     volume = nib.Nifti1Image(np.random.default_rng(1).random((24, 24, 12)).astype(np.float32), np.eye(4))
     data = gzip.compress(volume.to_bytes())
     key = create_key(service.stack, "integrator")
@@ -29,14 +29,8 @@ def test_concurrent_replays_make_one_job(service, tmp_path):
     assert len(ids) == 1
     with service.client(key) as client:
         assert [j["id"] for j in client.get("/api/v1/jobs").json()["items"]] == list(ids)
-    from api.core.settings import Settings
-    from api.core.storage import make_storage
+    from api.core.storage import get_storage
 
-    env = service.stack.env
-    settings = Settings(storage={"backend": env["MSGLDM_STORAGE__BACKEND"],
-                                 "local_root": env.get("MSGLDM_STORAGE__LOCAL_ROOT", "/nonexistent"),
-                                 "endpoint": env.get("MSGLDM_STORAGE__ENDPOINT", "x"),
-                                 "access_key": "testing", "secret_key": "testing",
-                                 "bucket": env.get("MSGLDM_STORAGE__BUCKET", "x"), "region": "us-east-1"})
-    inputs = [k for k in make_storage(settings.storage).list_keys("jobs/") if "/inputs/" in k]
+    service.stack.apply(monkeypatch)
+    inputs = [k for k in get_storage().list_keys("jobs/") if "/inputs/" in k]
     assert sorted(inputs) == sorted(f"jobs/{next(iter(ids))}/inputs/{m}.nii.gz" for m in ("t1", "t2")), inputs
