@@ -122,7 +122,7 @@ def real_stack(checkpoint: Path, s3_endpoint: str) -> Stack:
     import redis
 
     url, drop = create_pg_database()
-    redis_db = 7
+    redis_db = int(os.environ.get("MSGLDM_TEST_REDIS_DB", "7"))  # separate checkouts testing at once: separate dbs
     redis.Redis.from_url(f"{REDIS_URL}/{redis_db}").flushdb()
     stack = Stack("real", {
         "MSGLDM_DATABASE__URL": url,
