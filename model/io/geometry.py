@@ -49,7 +49,8 @@ def resample(volume: Volume, shape: Sequence[int], affine: np.ndarray, order: in
     if same_grid(volume.shape, volume.affine, shape, affine):
         return Volume(np.asarray(volume.data, dtype=np.float32), affine, dict(volume.meta))
     target_to_source = np.linalg.inv(volume.affine) @ np.asarray(affine, dtype=np.float64)
-    data = ndimage.affine_transform(np.asarray(volume.data, dtype=np.float32), target_to_source[:3, :3],
+    source = np.nan_to_num(np.asarray(volume.data, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    data = ndimage.affine_transform(source, target_to_source[:3, :3],
                                     offset=target_to_source[:3, 3], output_shape=shape, order=order,
                                     mode="constant", cval=fill, prefilter=False)
     return Volume(data.astype(np.float32, copy=False), affine, dict(volume.meta))
