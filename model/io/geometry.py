@@ -24,20 +24,17 @@ def same_grid(shape_a: Sequence[int], affine_a: np.ndarray, shape_b: Sequence[in
 
 
 def world_box(shape: Sequence[int], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Axis-aligned world bounding box (min, max corners, mm) of a grid's voxel centres."""
-    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)
+    """Axis-aligned world bounding box (min, max corners, mm) of a grid's voxels (their outer edges)."""
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in shape], indexing="ij")).reshape(3, -1)
     world = affine[:3, :3] @ corners + affine[:3, 3:4]
     return world.min(axis=1), world.max(axis=1)
 
 
 def overlap_fraction(shape_a: Sequence[int], affine_a: np.ndarray, shape_b: Sequence[int],
                      affine_b: np.ndarray) -> float:
-    """Volume of the intersection of the two world boxes over the smaller box (0: disjoint, 1: one inside)."""
+    """Volume of the intersection of the two world boxes over the smaller box (0: disjoint, 1: one inside).
+    The API applies the same rule to NIfTI headers (``api.uploads.check_same_space``)."""
     (lo_a, hi_a), (lo_b, hi_b) = world_box(shape_a, affine_a), world_box(shape_b, affine_b)
-    # a one-voxel-thick axis has zero extent: pad every box by half a voxel of its own grid
-    pad_a = np.abs(affine_a[:3, :3]).sum(axis=1) / 2
-    pad_b = np.abs(affine_b[:3, :3]).sum(axis=1) / 2
-    lo_a, hi_a, lo_b, hi_b = lo_a - pad_a, hi_a + pad_a, lo_b - pad_b, hi_b + pad_b
     inter = np.clip(np.minimum(hi_a, hi_b) - np.maximum(lo_a, lo_b), 0, None).prod()
     smaller = min((hi_a - lo_a).prod(), (hi_b - lo_b).prod())
     return float(inter / smaller) if smaller > 0 else 0.0
