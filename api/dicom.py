@@ -153,6 +153,8 @@ def _read_header(name: str, f: IO[bytes]) -> Dataset:
     try:
         f.seek(0)
         ds = pydicom.dcmread(f, stop_before_pixels=True)
+        for _ in ds.iterall():  # pydicom converts values lazily: surface bad values here
+            pass
         tag = f.read(4)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a malformed file
         raise _problem("invalid_dicom", f"{name}: not a readable DICOM file ({type(exc).__name__})") from exc

@@ -83,11 +83,13 @@ def describe(ds: Dataset) -> str:
 def read_header(src: str | Path | BinaryIO, name: str | None = None) -> Dataset:
     """Parse one file up to (not including) its pixel data. ``ds.has_pixel_data`` (an attribute this sets) says
     whether pixel data follow. Anything pydicom cannot parse raises :class:`NotDicomError`."""
-    label = name or str(getattr(src, "name", src))
+    label = name or (str(src) if isinstance(src, str | Path) else str(getattr(src, "name", "a file")))
     fp = open(src, "rb") if isinstance(src, str | Path) else src  # noqa: SIM115 - closed below when opened here
     try:
         fp.seek(0)
         ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        for _ in ds.iterall():  # pydicom converts values lazily: surface bad values here, not later
+            pass
         tag = fp.read(4)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a malformed file
         raise NotDicomError(f"{label}: not a readable DICOM file ({type(exc).__name__}: {exc})"[:500]) from exc
@@ -241,6 +243,8 @@ def read_series(paths: Sequence[str | Path]) -> Volume:
     for p in paths:
         try:
             ds = pydicom.dcmread(p)
+            for _ in ds.iterall():  # values are converted lazily: surface bad ones here
+                pass
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a malformed file
             raise NotDicomError(f"{p}: not a readable DICOM file ({type(exc).__name__}: {exc})"[:500]) from exc
         ds.source_name = str(p)
@@ -252,10 +256,16 @@ def read_series(paths: Sequence[str | Path]) -> Volume:
     if len(groups) > 1:
         raise DicomError(f"{len(groups)} series given where one was expected: "
                          + "; ".join(describe(g[0]) for g in groups.values()))
-    geometry = check_series(datasets)
-    name = describe(geometry.datasets[0])
-    data = np.stack([_pixels(ds, name).T for ds in geometry.datasets], axis=2).astype(np.float32)
-    info = series_info(geometry)
+    try:
+        geometry = check_series(datasets)
+        name = describe(geometry.datasets[0])
+        data = np.stack([_pixels(ds, name).T for ds in geometry.datasets], axis=2).astype(np.float32)
+        info = series_info(geometry)
+    except DicomError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as exc:
+        raise SeriesGeometryError(f"{describe(datasets[0])}: a header value has the wrong type or form "
+                                  f"({type(exc).__name__}: {exc})"[:500]) from exc
     return Volume(data=data, affine=geometry.affine, meta={
         "source": name, "frame_of_reference_uid": info["frame_of_reference_uid"], "dicom": info,
         "nonfinite_voxels": 0,
