@@ -13,6 +13,7 @@ windowed on the 1st-99th percentiles of the brain.
 
 from __future__ import annotations
 
+import uuid
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage
 
 from model.io.geometry import LPS_TO_RAS, same_grid
 from model.io.volume import Volume
@@ -50,7 +51,8 @@ class SyntheticSeries:
 
 
 def _uid(seed: str, *parts: object) -> str:
-    return generate_uid(prefix=None, entropy_srcs=[seed, *(str(p) for p in parts)])
+    """A UUID-derived ``2.25.`` UID (PS3.5 B.2), a pure function of its inputs."""
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, '/'.join(['msgldm', seed, *(str(p) for p in parts)])).int}"
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -161,6 +163,8 @@ def write_dicom_series(volume: Volume, out_dir: str | Path, series: SyntheticSer
     base.SpacingBetweenSlices = f"{np.linalg.norm(slice_step):.6f}"
     base.Rows, base.Columns = volume.shape[1], volume.shape[0]
     normal = np.cross(row_cos, col_cos)
+    if abs(row_cos @ col_cos) > 1e-4 or abs(abs(slice_step @ normal) / np.linalg.norm(slice_step) - 1) > 1e-4:
+        raise ValueError(f"the {series.modality} volume's affine is sheared: a DICOM image plane cannot hold it")
     paths = []
     for k in range(volume.shape[2]):
         ds = Dataset()
