@@ -99,8 +99,8 @@ def test_output_on_the_sagittal_reference_grid(sagittal, tmp_path):
     src = by_position[tuple(np.round(np.array(ds.ImagePositionPatient, float), 3))]  # slice 6 sits on a source slice
     assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == src.PatientID
     assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
-    np.testing.assert_allclose(np.array(ds.ImageOrientationPatient, float), np.array(src.ImageOrientationPatient, float),
-                               atol=1e-5)
+    iop = [np.array(d.ImageOrientationPatient, float) for d in (ds, src)]
+    np.testing.assert_allclose(*iop, atol=1e-5)
     np.testing.assert_allclose(np.array(ds.PixelSpacing, float), np.array(src.PixelSpacing, float), atol=1e-5)
     assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
     assert ds.SeriesInstanceUID != src.SeriesInstanceUID and ds.SOPInstanceUID != src.SOPInstanceUID
@@ -146,4 +146,5 @@ def test_nifti_only_new_study_round_trips(tmp_path, affine):
     back = read_series(paths)  # and our own reader agrees (slices come back in +normal order, whichever was written)
     ours, theirs = (nib.as_closest_canonical(nib.Nifti1Image(v.data, v.affine)) for v in (output, back))
     np.testing.assert_allclose(theirs.affine, ours.affine, atol=1e-4)
-    np.testing.assert_array_equal(np.asarray(theirs.dataobj), np.rint(np.asarray(ours.dataobj, np.float64) * MAX_STORED))
+    expected = np.rint(np.asarray(ours.dataobj, np.float64) * MAX_STORED)
+    np.testing.assert_array_equal(np.asarray(theirs.dataobj), expected)
