@@ -78,6 +78,8 @@ def check_same_space(grids: dict[str, tuple[tuple[int, ...], np.ndarray]], min_o
         return world.min(axis=1), world.max(axis=1)
 
     names = list(grids)
+    if len(names) < 2:
+        return
     (lo_r, hi_r) = box(*grids[names[0]])
     for name in names[1:]:
         lo, hi = box(*grids[name])
