@@ -232,15 +232,21 @@ def inspect_dicom_upload(uploads: Sequence[tuple[str, BinaryIO]], *, modalities:
                 entries = [(name, *_spool(f, budget[0], name))]
                 budget[0] -= entries[0][3]
             for entry_name, spooled, sha, size in entries:
-                files.append(DicomFile(entry_name, spooled, _read_header(entry_name, spooled), sha, size))
+                try:
+                    header = _read_header(entry_name, spooled)
+                except BaseException:
+                    for _, other, _, _ in entries:
+                        other.close()
+                    raise
+                files.append(DicomFile(entry_name, spooled, header, sha, size))
                 if len(files) > cfg.max_files:
                     raise _problem("zip_too_many_entries", f"more than {cfg.max_files} DICOM files in the request")
         if not files:
             raise _problem("invalid_dicom", "the DICOM upload holds no file")
         return _map_series(files, modalities, parse_series_map(series_map, modalities), cfg, max_voxels)
     except BaseException:
-        for f in files:
-            f.file.close()
+        for df in files:
+            df.file.close()
         raise
 
 

@@ -161,7 +161,8 @@ def run_job(job_id: str) -> str:
     except StorageError as exc:
         return _fail(claim, "storage_unavailable", str(exc), retry=True)
     except ValueError as exc:  # the model's and the readers' input errors are ValueErrors with a clear message
-        return _fail(claim, ERROR_CODES.get(type(exc)) or getattr(exc, "code", "invalid_input"), str(exc))
+        code = ERROR_CODES.get(type(exc)) or str(getattr(exc, "code", "invalid_input"))  # DicomError carries its own
+        return _fail(claim, code, str(exc))
     except Exception as exc:
         log.exception("job %s failed", job_id)
         return _fail(claim, "synthesis_error", f"{type(exc).__name__}: {exc}")

@@ -160,7 +160,7 @@ def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str,
             for i, df in enumerate(series.files):
                 obj_key = f"jobs/{job_id}/inputs/{m}/{i:05d}.dcm"
                 df.file.seek(0)
-                storage.put_stream(obj_key, df.file, df.bytes)
+                storage.put_stream(obj_key, df.file, df.bytes)  # type: ignore[arg-type]  # a spooled file
                 keys.append(obj_key)
             inputs[m] = {**series.record(), "keys": keys}
         for m in nifti:

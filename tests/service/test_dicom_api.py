@@ -234,21 +234,17 @@ def test_real_sagittal_series_round_trips_through_the_service(one_thread_workers
             pytest.skip(f"{tool} is not installed (.ci/run installs dicom3tools and dcm2niix)")
     key = create_key(service.stack, "integrator")
     with service.client(key) as client:
-        import time; t0 = time.time(); print("DEBUG start")
         r = client.post("/api/v1/synthesize", data={"targets": "flair", "formats": "nifti,dicom", "steps": "1",
                                                     "seed": "5"},
                         files=[("dicom", ("sag.zip", sagittal_zip(), "application/zip"))])
         assert r.status_code == 202, r.text
-        print("DEBUG posted", time.time() - t0)
         job = wait_for_job(client, r.json()["id"], timeout=600)
-        print("DEBUG done", time.time() - t0, service.env["MSGLDM_INFERENCE__CHECKPOINT"], job["model_version"])
         assert job["status"] == "succeeded", f"{job}\n{service.log_text()}"
         assert set(job["results"]) == {"flair.nii.gz", "flair.dicom.zip", "t1.input.nii.gz", "record.json"}
         flair = nib.Nifti1Image.from_bytes(gzip.decompress(client.get(job["results"]["flair.nii.gz"]).content))
         t1 = nib.Nifti1Image.from_bytes(gzip.decompress(client.get(job["results"]["t1.input.nii.gz"]).content))
         record = client.get(job["results"]["record.json"]).json()
         archive = zipfile.ZipFile(io.BytesIO(client.get(job["results"]["flair.dicom.zip"]).content))
-        print("DEBUG", job["created_at"], job["started_at"], job["finished_at"], record["timings_seconds"])
 
     # the NIfTI result and the decoded input sit on the series' own grid
     assert flair.shape == t1.shape == (256, 256, 35)
