@@ -278,3 +278,33 @@ def test_real_sagittal_series_round_trips_through_the_service(one_thread_workers
     np.testing.assert_array_equal(np.asarray(back.dataobj, dtype=np.float64), expected)
     assert expected.max() > 0
 
+
+
+@requires_sagittal
+@embedded_only
+def test_worker_fails_a_series_headers_cannot_refuse_with_its_code(app_client, stack):
+    """Uneven slice gaps pass the API's header checks; the worker's reader refuses them and the job fails with
+    dicom_nonuniform_spacing (not a crash, not a retry), its message naming the series."""
+    from worker import runtime
+    from worker.tasks import run_job
+
+    key = create_key_in_process(stack, "integrator")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for k, path in enumerate(sorted(SAGITTAL.glob("*.dcm"))[:4]):
+            ds = pydicom.dcmread(path)
+            ds.ImagePositionPatient = [-81.6 + [0, 4.8, 9.6, 20.0][k], -130, 130]
+            out = io.BytesIO()
+            ds.save_as(out)
+            zf.writestr(path.name, out.getvalue())
+    r = app_client.post("/api/v1/synthesize", headers=auth(key), data={"targets": "flair"},
+                        files=[("dicom", ("uneven.zip", buf.getvalue(), "application/zip"))])
+    assert r.status_code == 202, r.text
+    runtime.get_synthesizer.cache_clear()
+    try:
+        assert run_job(r.json()["id"]) == "failed"
+    finally:
+        runtime.get_synthesizer.cache_clear()
+    job = app_client.get(f"/api/v1/jobs/{r.json()['id']}", headers=auth(key)).json()
+    assert job["status"] == "failed" and job["attempts"] == 1
+    assert job["error"]["code"] == "dicom_nonuniform_spacing" and "t1_fl2d_sag" in job["error"]["message"]
