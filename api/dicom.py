@@ -64,8 +64,7 @@ class UploadedSeries:
 
 @dataclass
 class DicomUpload:
-    series: dict[str, UploadedSeries]  # by modality
-    ignored: list[dict[str, Any]]  # series present but not used (not in series_map)
+    series: dict[str, UploadedSeries]  # by modality; series not in an explicit series_map are left out
 
     def close(self) -> None:
         for s in self.series.values():
@@ -216,8 +215,8 @@ def inspect_dicom_upload(uploads: Sequence[tuple[str, BinaryIO]], *, modalities:
                          series_map: str | None, cfg: DicomSettings, max_voxels: int) -> DicomUpload:
     """Uploaded DICOM files and zips -> the series to use, by modality (422 :class:`ProblemError` otherwise).
 
-    With ``series_map`` only the mapped series are used (others are listed as ignored); without it every series must
-    be recognised by ``cfg.series_rules`` and no two may claim one modality.
+    With ``series_map`` only the mapped series are used; without it every series must be recognised by
+    ``cfg.series_rules`` and no two may claim one modality.
     """
     files: list[DicomFile] = []
     budget = [cfg.max_uncompressed_bytes]
@@ -256,7 +255,7 @@ def _map_series(files: list[DicomFile], modalities: Sequence[str], explicit: dic
     for f in files:
         groups.setdefault(str(f.header.SeriesInstanceUID), []).append(f)
     chosen: dict[str, list[tuple[str, list[DicomFile]]]] = {}
-    found, ignored = [], []
+    found = []
     for uid, series in groups.items():
         first = series[0].header
         number = str(first.get("SeriesNumber", "")).strip()
@@ -270,8 +269,6 @@ def _map_series(files: list[DicomFile], modalities: Sequence[str], explicit: dic
         entry = {**_describe(first), "images": len(series), "outcome": modality, "rule": rule}
         found.append(entry)
         if modality is None:
-            if explicit:
-                ignored.append(entry)
             continue
         chosen.setdefault(modality, []).append((rule, series))
     unknown_keys = sorted(set(explicit) - set(groups) - {str(g[0].header.get("SeriesNumber", "")).strip()
@@ -307,4 +304,4 @@ def _map_series(files: list[DicomFile], modalities: Sequence[str], explicit: dic
         raise _problem("frame_of_reference_mismatch", "the series are not in one frame of reference (not one "
                        "physical space): " + "; ".join(f"{m} {s.info['frame_of_reference_uid'] or '(none)'}"
                                                       for m, s in out.items()), series=found)
-    return DicomUpload(out, ignored)
+    return DicomUpload(out)

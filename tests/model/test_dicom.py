@@ -8,6 +8,7 @@ import copy
 import re
 import shutil
 import subprocess
+from contextlib import ExitStack
 from pathlib import Path
 
 import nibabel as nib
@@ -18,10 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
+from api.core.settings import DicomSettings
+from api.dicom import inspect_dicom_upload
+from api.errors import ProblemError
 from model.io import dicom
 from model.io.dicom import DicomError, read_series
 
-from .conftest import DATA
+from .conftest import DATA, MODS
 
 SAGITTAL = DATA / "dicom_dcm_qa_decubitus_HFS_t1_fl2d_sag"
 MR_SMALL = DATA / "pydicom_test_files" / "MR_small.dcm"
@@ -159,8 +163,9 @@ def test_two_series_and_garbage_are_refused(tmp_path):
 @given(data=st.data())
 def test_mutated_files_give_a_volume_or_a_documented_error(tmp_path_factory, data):
     """Random byte flips, truncations and header edits: the reader either reads or raises a DicomError whose code is
-    in docs/errors.md (the worker maps it to the job's error.code); nothing else escapes."""
-    paths = make_series(tmp_path_factory.mktemp("mut"), n=3)
+    in docs/errors.md (the worker maps it to the job's error.code), and the API's inspection either accepts or
+    answers a documented 422 code; nothing else escapes either."""
+    paths = make_series(tmp_path_factory.mktemp("mut"), n=3, SeriesDescription="t1_se_tra")
     victim = paths[data.draw(st.integers(0, 2), label="file")]
     raw = bytearray(victim.read_bytes())
     kind = data.draw(st.sampled_from(["flip", "truncate", "header"]), label="kind")
@@ -185,8 +190,15 @@ def test_mutated_files_give_a_volume_or_a_documented_error(tmp_path_factory, dat
         except Exception:  # noqa: BLE001 - pydicom refused to even write this value: nothing to test
             return
     try:
-        volume = read_series(paths)
+        volume = read_series(paths)  # the worker's reader
     except DicomError as exc:
         assert exc.code in documented_codes(), exc
     else:
         assert volume.data.ndim == 3 and np.isfinite(volume.affine).all()
+    with ExitStack() as files:  # the API's header-only inspection of the same files
+        opened = [(p.name, files.enter_context(open(p, "rb"))) for p in paths]
+        try:
+            inspect_dicom_upload(opened, modalities=MODS, series_map=None, cfg=DicomSettings(),
+                                 max_voxels=10**8).close()
+        except ProblemError as exc:
+            assert exc.code in documented_codes(), exc
