@@ -62,6 +62,13 @@ def inspect_nifti_header(field: str, f: BinaryIO, *, max_voxels: int) -> tuple[t
     if min(shape) < 1 or int(np.prod(shape, dtype=np.int64)) > max_voxels:
         raise _invalid(field, f"shape {shape} is outside the accepted size (at most {max_voxels} voxels)",
                        "volume_too_large")
+    try:
+        dtype = header.get_data_dtype()
+    except Exception:  # noqa: BLE001 - an unknown datatype code
+        dtype = None
+    if dtype is None or dtype.kind not in "iuf" or dtype.fields is not None:
+        raise _invalid(field, f"voxel datatype {dtype} is not supported (integer or float scalars only)",
+                       "unsupported_datatype")
     affine = header.get_best_affine()
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise _invalid(field, "the affine is not finite and invertible", "invalid_affine")

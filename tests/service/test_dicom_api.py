@@ -168,6 +168,9 @@ def test_nifti_inputs_in_another_space_are_refused_and_other_grids_accepted(app_
     assert post("a", "b").status_code == 202  # same space, other grid: the worker resamples t2 onto t1's grid
     body = assert_problem(post("a", "far"), 422, "grid_mismatch")
     assert "t2 does not overlap t1" in body["detail"]
+    paths["complex"] = tmp_path / "complex.nii"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.complex64), np.eye(4)), paths["complex"])
+    assert_problem(post("a", "complex"), 422, "unsupported_datatype")
 
 
 @pytest.mark.skipif(not NIBABEL_DATA.is_dir(), reason=f"shared sample data not found at {NIBABEL_DATA}")
