@@ -17,7 +17,7 @@ JOB_EXAMPLE: dict[str, Any] = {
     "model_version": "msgldm-tiny-3f2a9c1b7d4e",
     "targets": ["flair"],
     "inputs": ["t1", "t1ce", "t2"],
-    "formats": ["nifti"],
+    "formats": ["dicom", "nifti"],
     "steps": 25,
     "seed": 1234,
     "samples": 1,
@@ -27,6 +27,7 @@ JOB_EXAMPLE: dict[str, Any] = {
     "error": None,
     "results": {
         "flair.nii.gz": "/api/v1/jobs/3b0c1a52-8f4e-4c55-9a51-2f1d7c9e4b10/results/flair.nii.gz",
+        "flair.dicom.zip": "/api/v1/jobs/3b0c1a52-8f4e-4c55-9a51-2f1d7c9e4b10/results/flair.dicom.zip",
         "record.json": "/api/v1/jobs/3b0c1a52-8f4e-4c55-9a51-2f1d7c9e4b10/results/record.json",
     },
 }
@@ -56,8 +57,9 @@ class JobPublic(BaseModel):
     attempts: int
     model_version: str | None
     targets: list[str]
-    inputs: list[str]
-    formats: list[str]
+    inputs: list[str] = Field(description="supplied modalities in model order (the first is the reference grid); "
+                                          "NIfTI files or DICOM series")
+    formats: list[str] = Field(description="nifti (always written) and/or dicom ({modality}.dicom.zip)")
     steps: int | None
     seed: int
     samples: int

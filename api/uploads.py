@@ -28,8 +28,9 @@ def _invalid(field: str, detail: str, code: str = "invalid_nifti") -> ProblemErr
     return ProblemError(422, code, f"{field}: {detail}", field=field)
 
 
-def inspect_nifti_header(field: str, f: BinaryIO, *, max_voxels: int) -> tuple[int, ...]:
-    """Read only the NIfTI-1/2 header (through gzip when compressed) and refuse what the worker cannot use."""
+def inspect_nifti_header(field: str, f: BinaryIO, *, max_voxels: int) -> tuple[tuple[int, ...], np.ndarray]:
+    """Read only the NIfTI-1/2 header (through gzip when compressed) and refuse what the worker cannot use;
+    returns the shape and the affine."""
     f.seek(0)
     magic = f.read(2)
     f.seek(0)
@@ -61,9 +62,40 @@ def inspect_nifti_header(field: str, f: BinaryIO, *, max_voxels: int) -> tuple[i
     if min(shape) < 1 or int(np.prod(shape, dtype=np.int64)) > max_voxels:
         raise _invalid(field, f"shape {shape} is outside the accepted size (at most {max_voxels} voxels)",
                        "volume_too_large")
-    if not np.all(np.isfinite(header.get_best_affine())):
-        raise _invalid(field, "the affine is not finite", "invalid_affine")
-    return shape
+    try:
+        dtype = header.get_data_dtype()
+    except Exception:  # noqa: BLE001 - an unknown datatype code
+        dtype = None
+    if dtype is None or dtype.kind not in "iuf" or dtype.fields is not None:
+        raise _invalid(field, f"voxel datatype {dtype} is not supported (integer or float scalars only)",
+                       "unsupported_datatype")
+    affine = header.get_best_affine()
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise _invalid(field, "the affine is not finite and invertible", "invalid_affine")
+    return shape, affine
+
+
+def check_same_space(grids: dict[str, tuple[tuple[int, ...], np.ndarray]], min_overlap: float = 0.5) -> None:
+    """Inputs on other grids are resampled by the worker, but only within one physical space: refuse inputs whose
+    world bounding boxes overlap less than ``min_overlap`` of the smaller one (the worker's rule, from headers)."""
+
+    def box(shape: tuple[int, ...], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in shape], indexing="ij")).reshape(3, -1)
+        world = affine[:3, :3] @ corners + affine[:3, 3:4]
+        return world.min(axis=1), world.max(axis=1)
+
+    names = list(grids)
+    if len(names) < 2:
+        return
+    (lo_r, hi_r) = box(*grids[names[0]])
+    for name in names[1:]:
+        lo, hi = box(*grids[name])
+        inter = np.clip(np.minimum(hi, hi_r) - np.maximum(lo, lo_r), 0, None).prod()
+        smaller = min((hi - lo).prod(), (hi_r - lo_r).prod())
+        if inter < min_overlap * smaller:
+            raise ProblemError(422, "grid_mismatch", f"{name} does not overlap {names[0]} in world space "
+                               f"({inter / smaller:.0%} of the smaller field of view): not one physical space",
+                               fields=[names[0], name])
 
 
 def hash_upload(f: BinaryIO) -> tuple[str, int]:

@@ -96,7 +96,8 @@ class Synthesizer:
     # ------------------------------------------------------------------ API
 
     def prepare(self, study: dict[str, Volume]) -> PreparedStudy:
-        return prepare_study(study, self.modalities, self.config.preprocess)
+        return prepare_study(study, self.modalities, self.config.preprocess, align=True,
+                             train_spacing=self.config.train_spacing)
 
     def synthesize(
         self,
@@ -201,14 +202,10 @@ class Synthesizer:
         if progress is not None:
             progress("postprocess", 1.0)
         warnings = []
-        ref_vol = next(v for k, v in study.items() if canonical_modality(k) == prepared.reference)
-        if self.config.train_spacing is not None:
-            trained, given = sorted(self.config.train_spacing), sorted(ref_vol.spacing)
-            if any(abs(g - t) > 0.25 * t for g, t in zip(given, trained, strict=True)):
-                warnings.append(
-                    f"input voxel size {tuple(round(v, 3) for v in ref_vol.spacing)} mm differs from the training "
-                    f"data's {tuple(self.config.train_spacing)} mm: the model does not resample, results may degrade"
-                )
+        if prepared.work_affine is not None:  # preprocess step 0: to the training voxel size and back
+            given = np.sqrt((prepared.reference_affine[:3, :3] ** 2).sum(axis=0)).round(3).tolist()
+            warnings.append(f"voxel size {given} mm resampled to the training data's "
+                            f"{list(self.config.train_spacing or ())} mm for the model and back (interpolated)")
         meta = {
             "warnings": warnings,
             "version": self.version,
@@ -219,6 +216,9 @@ class Synthesizer:
             "replace_known": replace_known,
             "available": [m for m, a in zip(self.modalities, prepared.available, strict=True) if a],
             "reference": prepared.reference,
+            "resampled_to_reference": list(prepared.resampled),
+            "work_grid": None if prepared.work_shape is None else {
+                "shape": list(prepared.work_shape), "affine": np.round(prepared.work_affine, 6).tolist()},
             "slices": n,
             "device": str(self.device),
         }

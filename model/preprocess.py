@@ -1,5 +1,9 @@
 """Volumes <-> model slices (spec "Pre- and post-processing"). numpy only: no torch here.
 
+0. (inference, ``align=True``) inputs on other grids in the same physical space are resampled onto the reference
+   input's grid; with ``train_spacing`` the study is resampled to the checkpoint's training voxel size (same
+   orientation and field of view) and the results are resampled back onto the reference grid by
+   :func:`restore_volume`;
 1. reorient every volume to RAS+ voxel order using its affine (BraTS cases come LPS- and RAS-stored);
 2. brain mask = union over the *available* modalities of ``value > background_threshold``;
 3. in-plane window of ``image_size`` squared centred on the mask's bounding box (pads or crops);
@@ -18,9 +22,11 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 
 from model.config import PreprocessConfig, canonical_modality
 from model.errors import EmptyBrainError, NoInputError, StudyGeometryError, UnknownModalityError
+from model.io.geometry import align_to_reference, grid_with_spacing, resample, same_grid
 from model.io.volume import Volume
 
 _RAS = axcodes2ornt(("R", "A", "S"))
+SPACING_RTOL = 0.05  # voxel sizes within 5% of the training data's are used as they are (no resampling)
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,10 @@ class PreparedStudy:
     slice_indices: np.ndarray  # (S,) canonical z index of each slice
     intensity_range: dict[str, tuple[float, float]] = field(default_factory=dict)  # clip (lo, hi) per input
     reference_meta: dict = field(default_factory=dict)
+    resampled: tuple[str, ...] = ()  # inputs resampled onto the reference grid
+    work_shape: tuple[int, int, int] | None = None  # the training-spacing grid the model ran on, when not the
+    work_affine: np.ndarray | None = None  # reference grid itself
+    reference_mask: np.ndarray | None = None  # brain mask on the reference grid (only with a work grid)
 
     @property
     def brain_fraction(self) -> np.ndarray:
@@ -48,7 +58,11 @@ class PreparedStudy:
 
     def to_slices(self, volume: np.ndarray, fill: float = 0.0) -> np.ndarray:
         """Any array on the reference grid (e.g. a label map) -> ``(S, H, W)`` slices like ``x``."""
-        canon = apply_orientation(np.asarray(volume), self.to_canonical)
+        volume = np.asarray(volume)
+        if self.work_affine is not None and self.work_shape is not None:
+            volume = resample(Volume(volume.astype(np.float32), self.reference_affine), self.work_shape,
+                              self.work_affine, order=0, fill=fill).data
+        canon = apply_orientation(volume, self.to_canonical)
         size = self.x.shape[-1]
         win = _extract(canon, self.window, size, fill)
         return np.ascontiguousarray(np.moveaxis(win[:, :, self.slice_indices], 2, 0))
@@ -81,8 +95,22 @@ def _check_geometry(volumes: dict[str, Volume]) -> None:
             )
 
 
-def prepare_study(volumes: dict[str, Volume], modalities: Sequence[str], cfg: PreprocessConfig) -> PreparedStudy:
-    """Volumes keyed by modality (aliases allowed) -> model slices for a model built for ``modalities``."""
+def _work_grid(ref: Volume, train_spacing: Sequence[float]) -> tuple[tuple[int, int, int], np.ndarray] | None:
+    """The grid at the training voxel size (``train_spacing`` per RAS axis), or None when ``ref`` is close enough."""
+    ornt = io_orientation(ref.affine)
+    target = [float(train_spacing[int(ornt[i, 0])]) for i in range(3)]
+    if all(abs(g - t) <= SPACING_RTOL * t for g, t in zip(ref.spacing, target, strict=True)):
+        return None
+    return grid_with_spacing(ref.shape, ref.affine, target)
+
+
+def prepare_study(volumes: dict[str, Volume], modalities: Sequence[str], cfg: PreprocessConfig, *,
+                  align: bool = False, train_spacing: Sequence[float] | None = None) -> PreparedStudy:
+    """Volumes keyed by modality (aliases allowed) -> model slices for a model built for ``modalities``.
+
+    ``align=False`` (training, evaluation) refuses inputs off the reference grid; ``align=True`` (inference) resamples
+    them onto it when they are in the same physical space. ``train_spacing`` (mm per RAS axis): see step 0.
+    """
     modalities = tuple(modalities)
     given: dict[str, Volume] = {}
     for name, vol in volumes.items():
@@ -95,12 +123,24 @@ def prepare_study(volumes: dict[str, Volume], modalities: Sequence[str], cfg: Pr
     if not given:
         raise NoInputError(f"no input volume given: need at least one of {', '.join(modalities)}")
     ordered = {m: given[m] for m in modalities if m in given}
-    _check_geometry(ordered)
+    resampled: list[str] = []
+    if align:
+        ordered, resampled = align_to_reference(ordered)
+    else:
+        _check_geometry(ordered)
     reference = next(iter(ordered))
     ref_vol = ordered[reference]
+    work = _work_grid(ref_vol, train_spacing) if train_spacing is not None else None
+    reference_mask = None
+    if work is not None:
+        reference_mask = np.zeros(ref_vol.shape, dtype=bool)
+        for v in ordered.values():
+            reference_mask |= np.nan_to_num(np.asarray(v.data)) > cfg.background_threshold
+        ordered = {m: resample(v, *work) for m, v in ordered.items()}
+    work_vol = ordered[reference]
 
     # 1. canonical (RAS) voxel order
-    to_canonical = io_orientation(ref_vol.affine)
+    to_canonical = io_orientation(work_vol.affine)
     canon = {}
     for m, v in ordered.items():
         a = apply_orientation(np.asarray(v.data, dtype=np.float32), to_canonical)
@@ -156,6 +196,10 @@ def prepare_study(volumes: dict[str, Volume], modalities: Sequence[str], cfg: Pr
         slice_indices=slice_indices,
         intensity_range=ranges,
         reference_meta=dict(ref_vol.meta),
+        resampled=tuple(resampled),
+        work_shape=work[0] if work else None,
+        work_affine=work[1] if work else None,
+        reference_mask=reference_mask,
     )
 
 
@@ -177,6 +221,11 @@ def restore_volume(slices: np.ndarray, prepared: PreparedStudy, *, unit_range: b
     canon[xs:xe, ys:ye, prepared.slice_indices] = block[xs - wx : xe - wx, ys - wy : ye - wy]
     back = ornt_transform(_RAS, prepared.to_canonical)
     data = np.ascontiguousarray(apply_orientation(canon, back), dtype=np.float32)
+    if prepared.work_affine is not None and not same_grid(data.shape, prepared.work_affine,
+                                                          prepared.reference_shape, prepared.reference_affine):
+        data = resample(Volume(data, prepared.work_affine), prepared.reference_shape, prepared.reference_affine).data
+        if prepared.reference_mask is not None:
+            data = np.where(prepared.reference_mask, data, np.float32(0))
     if data.shape != prepared.reference_shape:  # cannot happen for a consistent PreparedStudy
         raise ValueError(f"restored shape {data.shape} differs from the reference shape {prepared.reference_shape}")
     meta = {"reference": prepared.reference, "reference_source": prepared.reference_meta.get("source")}

@@ -20,7 +20,7 @@ from api.core.queue import SYNTHESIZE_TASK, publish_synthesis
 from api.core.settings import get_settings
 from api.core.storage import StorageError, get_storage
 from model import errors as model_errors
-from worker import runtime
+from worker import io, runtime
 from worker.app import app
 
 log = logging.getLogger(__name__)
@@ -83,27 +83,12 @@ class Lease:
                     log.warning("lease renewal of %s failed", self.claim.job_id, exc_info=True)
 
 
-def _read_inputs(job: Job, workdir: Path) -> dict[str, Any]:
-    from model.io.nifti import read_nifti
-
-    storage = get_storage()
-    study = {}
-    for modality, info in job.inputs.items():
-        local = storage.get_file(info["key"], workdir / Path(info["key"]).name)
-        study[modality] = read_nifti(local)
-    return study
-
-
-def _write_results(job: Job, claim: jobs.Claim, result: Any, record: dict[str, Any], workdir: Path) -> dict[str, str]:
-    from model.io.nifti import write_nifti
-
+def _write_results(job: Job, claim: jobs.Claim, result: Any, record: dict[str, Any], workdir: Path,
+                   study: dict[str, Any]) -> dict[str, str]:
     storage = get_storage()
     prefix = f"jobs/{job.id}/attempt-{claim.attempt}"
     results: dict[str, str] = {}
-    outputs = {f"{m}.nii.gz": v for m, v in result.volumes.items()}
-    outputs |= {f"{m}.uncertainty.nii.gz": v for m, v in (result.uncertainty or {}).items()}
-    for name, volume in outputs.items():
-        path = write_nifti(volume, workdir / name)
+    for name, path in io.write_result_files(job, result, study, workdir).items():
         storage.put_file(f"{prefix}/{name}", path)
         results[name] = f"{prefix}/{name}"
     record_path = workdir / "record.json"
@@ -133,7 +118,7 @@ def run_job(job_id: str) -> str:
             synth = runtime.get_synthesizer()
             lease.update(model_version=synth.version, phase="reading")
             t0 = time.perf_counter()
-            study = _read_inputs(job, workdir)
+            study = io.read_inputs(job, workdir)
             timings["read"] = time.perf_counter() - t0
 
             def progress(phase: str, fraction: float) -> None:
@@ -149,13 +134,11 @@ def run_job(job_id: str) -> str:
                 "job_id": job.id, "attempt": claim.attempt, "model_version": synth.version,
                 "device": runtime.device_name(), "seed": job.seed, "steps": steps,
                 "samples": job.samples, "targets": job.targets,
-                "inputs": {m: {"sha256": i["sha256"], "bytes": i["bytes"], "shape": i["shape"],
-                               "nonfinite_voxels_set_to_0": study[m].meta.get("nonfinite_voxels", 0)}
-                           for m, i in job.inputs.items()},
+                "inputs": io.input_record(job, study),
                 "timings_seconds": timings,
                 "synthesis": getattr(result, "meta", {}),  # reference modality, slices, eta, warnings
             }
-            results = _write_results(job, claim, result, record, workdir)
+            results = _write_results(job, claim, result, record, workdir, study)
             timings["write"] = time.perf_counter() - t0
         with session_scope() as session:
             succeeded = jobs.complete(session, claim, results=results, model_version=synth.version)
@@ -178,7 +161,8 @@ def run_job(job_id: str) -> str:
     except StorageError as exc:
         return _fail(claim, "storage_unavailable", str(exc), retry=True)
     except ValueError as exc:  # the model's and the readers' input errors are ValueErrors with a clear message
-        return _fail(claim, ERROR_CODES.get(type(exc), "invalid_input"), str(exc))
+        code = ERROR_CODES.get(type(exc)) or str(getattr(exc, "code", "invalid_input"))  # DicomError carries its own
+        return _fail(claim, code, str(exc))
     except Exception as exc:
         log.exception("job %s failed", job_id)
         return _fail(claim, "synthesis_error", f"{type(exc).__name__}: {exc}")

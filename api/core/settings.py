@@ -66,6 +66,26 @@ class ApiSettings(BaseModel):
     worker_heartbeat_seconds: float = 30.0  # /readyz wants a worker heartbeat younger than this
 
 
+# Series -> modality rules, tried in this order (first match wins), each a case-insensitive regular expression
+# searched in SeriesDescription, ProtocolName and SequenceName (docs/imaging.md). FLAIR and contrast-enhanced T1 come
+# first because their descriptions usually also say T2 / T1.
+DEFAULT_SERIES_RULES: list[tuple[str, str]] = [
+    ("flair", r"flair|(?<![a-z0-9])t2f(?![a-z0-9])|dark.?fluid|tirm"),
+    ("t1ce", r"t1.*(\+c|(?<![a-z])(post|gd|gad\w*|contrast|ce)(?![a-z]))|(?<![a-z0-9])t1(c|ce|gd)(?![a-z0-9])"),
+    ("t2", r"t2|(?<![a-z])tse(?![a-z])"),
+    ("t1", r"t1|mprage|spgr|bravo"),
+]
+
+
+class DicomSettings(BaseModel):
+    """DICOM uploads: series rules and the zip-bomb limits (checked before anything is decompressed)."""
+
+    series_rules: list[tuple[str, str]] = Field(default_factory=lambda: list(DEFAULT_SERIES_RULES))
+    max_files: int = 4000  # DICOM files per request (zip entries included)
+    max_uncompressed_bytes: int = 2 * 1024 * 1024 * 1024  # total of all zip entries, as declared and as read
+    max_compression_ratio: float = 100.0  # per zip entry (a DICOM slice compresses 2-5x; bombs 1000x+)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MSGLDM_", env_nested_delimiter="__", extra="ignore")
 
@@ -75,6 +95,7 @@ class Settings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
     log_level: str = "INFO"
 
 

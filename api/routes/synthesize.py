@@ -22,14 +22,16 @@ from api.core.serving import ModelUnavailable, serving_modalities
 from api.core.settings import get_settings
 from api.core.storage import Storage
 from api.deps import SessionDep, StorageDep
+from api.dicom import DicomUpload, inspect_dicom_upload
 from api.errors import ProblemError, unavailable
 from api.schemas import PROBLEM_RESPONSES, JobAccepted, Problem
-from api.uploads import hash_upload, inspect_nifti_header
+from api.uploads import check_same_space, hash_upload, inspect_nifti_header
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["synthesis"])
-FORMATS = ("nifti",)
-OPTIONS = ("targets", "formats", "steps", "seed", "samples")
+FORMATS = ("nifti", "dicom")
+OPTIONS = ("targets", "formats", "steps", "seed", "samples", "series_map")
+DICOM_FIELD = "dicom"
 
 REQUEST_BODY = {
     "required": True,
@@ -41,17 +43,25 @@ REQUEST_BODY = {
                 "t2": {"type": "string", "format": "binary", "description": "T2 NIfTI"},
                 "t1ce": {"type": "string", "format": "binary", "description": "contrast-enhanced T1 NIfTI"},
                 "flair": {"type": "string", "format": "binary", "description": "FLAIR NIfTI"},
+                "dicom": {"type": "array", "items": {"type": "string", "format": "binary"},
+                          "description": "DICOM: one or more zips and/or .dcm files (repeat the field); series are "
+                                         "mapped to modalities by series_map or the rules (docs/imaging.md)"},
+                "series_map": {"type": "string", "example": "3=t1,5=flair",
+                               "description": "SeriesNumber or SeriesInstanceUID = modality, comma-separated "
+                                              "(or a JSON object); without it the SeriesDescription rules decide"},
                 "targets": {"type": "string", "example": "flair",
                             "description": "comma-separated modalities to synthesize; default: every modality "
                                            "of the model that was not supplied"},
-                "formats": {"type": "string", "example": "nifti", "description": "comma-separated: nifti"},
+                "formats": {"type": "string", "example": "nifti,dicom",
+                            "description": "comma-separated: nifti (default), dicom ({modality}.dicom.zip)"},
                 "steps": {"type": "integer", "minimum": 1, "description": "DDIM steps (default: the model's)"},
                 "seed": {"type": "integer", "minimum": 0, "description": "random seed (default: drawn)"},
                 "samples": {"type": "integer", "minimum": 1, "description": "samples for an uncertainty map"},
             },
         },
-        "encoding": {m: {"contentType": "application/gzip, application/octet-stream"}
-                     for m in ("t1", "t2", "t1ce", "flair")},
+        "encoding": {**{m: {"contentType": "application/gzip, application/octet-stream"}
+                        for m in ("t1", "t2", "t1ce", "flair")},
+                     "dicom": {"contentType": "application/zip, application/dicom, application/octet-stream"}},
     }},
 }
 
@@ -73,8 +83,10 @@ def _csv(raw: str | None) -> list[str]:
     return [p.strip().lower() for p in (raw or "").split(",") if p.strip()]
 
 
-def parse_request(files: dict[str, UploadFile], fields: dict[str, str], modalities: tuple[str, ...]) -> dict[str, Any]:
-    """Validate the form against the serving model; returns the normalised request."""
+def parse_request(files: dict[str, UploadFile], fields: dict[str, str], modalities: tuple[str, ...],
+                  dicom: DicomUpload | None = None) -> dict[str, Any]:
+    """Validate the form against the serving model (``dicom``: the inspected DICOM upload, whose series count as
+    supplied modalities); returns the normalised request."""
     settings = get_settings()
     unknown = sorted(set(files) - set(modalities))
     if unknown:
@@ -83,16 +95,21 @@ def parse_request(files: dict[str, UploadFile], fields: dict[str, str], modaliti
     extra = sorted(set(fields) - set(OPTIONS) - set(modalities))
     if extra:
         raise ProblemError(422, "unknown_field", f"unknown form field(s): {', '.join(extra)}", fields=extra)
-    if not files:
+    given = set(files) | set(dicom.series if dicom else ())
+    if not given:
         raise ProblemError(422, "no_inputs", f"upload at least one NIfTI volume in a field named by modality "
-                                             f"({', '.join(modalities)})")
-    supplied = [m for m in modalities if m in files]
-    targets = _csv(fields.get("targets")) or [m for m in modalities if m not in files]
+                                             f"({', '.join(modalities)}) or DICOM series in the field {DICOM_FIELD}")
+    both_ways = sorted(set(files) & set(dicom.series if dicom else ()))
+    if both_ways:
+        raise ProblemError(422, "series_ambiguous", f"{', '.join(both_ways)} uploaded both as NIfTI and as a DICOM "
+                                                    f"series")
+    supplied = [m for m in modalities if m in given]
+    targets = _csv(fields.get("targets")) or [m for m in modalities if m not in given]
     bad = [t for t in targets if t not in modalities]
     if bad:
         raise ProblemError(422, "unknown_target", f"target(s) {', '.join(bad)} are not modalities of the serving "
                                                   f"model ({', '.join(modalities)})")
-    both = [t for t in targets if t in files]
+    both = [t for t in targets if t in given]
     if both:
         raise ProblemError(422, "target_supplied", f"target(s) {', '.join(both)} were also uploaded as inputs")
     if not targets:
@@ -121,14 +138,14 @@ def _existing(session: Session, key: ApiKey, idempotency_key: str, request_hash:
 
 
 def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str, UploadFile],
-               req: dict[str, Any], idempotency_key: str | None) -> Job:
+               req: dict[str, Any], idempotency_key: str | None, dicom: DicomUpload | None = None) -> Job:
     """Check and store the inputs, commit the job row, then publish its task (blocking; runs in a thread)."""
     max_voxels = get_settings().api.max_volume_voxels
-    shapes = {m: inspect_nifti_header(m, files[m].file, max_voxels=max_voxels) for m in req["inputs"]}
-    if len(set(shapes.values())) > 1:
-        raise ProblemError(422, "grid_mismatch", "the inputs are not on one grid: "
-                           + ", ".join(f"{m} {s}" for m, s in shapes.items()))
-    hashed = {m: hash_upload(files[m].file) for m in req["inputs"]}  # so a replay is answered before storing
+    nifti = [m for m in req["inputs"] if m in files]
+    grids = {m: inspect_nifti_header(m, files[m].file, max_voxels=max_voxels) for m in nifti}
+    check_same_space(grids)
+    hashed = {m: hash_upload(files[m].file) for m in nifti}  # so a replay is answered before storing
+    hashed |= {m: (s.record()["sha256"], s.record()["bytes"]) for m, s in (dicom.series if dicom else {}).items()}
     request_hash = hashlib.sha256(json.dumps(
         {"inputs": {m: sha for m, (sha, _) in hashed.items()}, **{k: v for k, v in req.items() if k != "inputs"}},
         sort_keys=True).encode()).hexdigest()
@@ -138,7 +155,15 @@ def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str,
     job_id = new_id()
     inputs: dict[str, Any] = {}
     try:
-        for m in req["inputs"]:
+        for m, series in (dicom.series if dicom else {}).items():
+            keys = []
+            for i, df in enumerate(series.files):
+                obj_key = f"jobs/{job_id}/inputs/{m}/{i:05d}.dcm"
+                df.file.seek(0)
+                storage.put_stream(obj_key, df.file, df.bytes)  # type: ignore[arg-type]  # a spooled file
+                keys.append(obj_key)
+            inputs[m] = {**series.record(), "keys": keys}
+        for m in nifti:
             f = files[m].file
             f.seek(0)
             suffix = ".nii.gz" if f.read(2) == b"\x1f\x8b" else ".nii"
@@ -146,7 +171,8 @@ def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str,
             obj_key = f"jobs/{job_id}/inputs/{m}{suffix}"
             sha, size = hashed[m]
             storage.put_stream(obj_key, f, size)
-            inputs[m] = {"key": obj_key, "sha256": sha, "bytes": size, "shape": list(shapes[m])}
+            inputs[m] = {"format": "nifti", "key": obj_key, "sha256": sha, "bytes": size, "shape": list(grids[m][0])}
+        inputs = {m: inputs[m] for m in req["inputs"]}  # model order: the first is the reference
         job = Job(id=job_id, owner_id=key.id, idempotency_key=idempotency_key, request_hash=request_hash,
                   inputs=inputs, targets=req["targets"], formats=req["formats"], steps=req["steps"],
                   seed=req["seed"] if req["seed"] is not None else secrets.randbelow(2**31), samples=req["samples"])
@@ -182,26 +208,42 @@ def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str,
 async def synthesize(request: Request, response: Response, session: SessionDep, storage: StorageDep,
                      key: ApiKey = require(Role.integrator),
                      idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobAccepted:
-    """Submit a study: one NIfTI per available modality; answers 202 with the job's Location."""
+    """Submit a study: one NIfTI per available modality and/or DICOM series; answers 202 with the job's Location."""
     try:
         modalities = serving_modalities()
     except ModelUnavailable as exc:
         raise unavailable("model_unavailable", str(exc)) from exc
-    form = await request.form(max_files=len(modalities) + 1, max_fields=len(OPTIONS) + 1)
+    settings = get_settings()
+    form = await request.form(max_files=settings.dicom.max_files + len(modalities),
+                              max_fields=len(OPTIONS) + 1)
+    dicom: DicomUpload | None = None
     try:
         files: dict[str, UploadFile] = {}
+        dicom_files: list[UploadFile] = []
         fields: dict[str, str] = {}
         for name, value in form.multi_items():
             name = name.lower()
+            if name == DICOM_FIELD and isinstance(value, UploadFile):
+                dicom_files.append(value)
+                continue
             if name in files or name in fields:
                 raise ProblemError(422, "duplicate_field", f"field {name!r} appears more than once")
             if isinstance(value, UploadFile):
                 files[name] = value
             else:
                 fields[name] = value
-        req = parse_request(files, fields, modalities)
-        job = await run_in_threadpool(create_job, session, storage, key, files, req, idempotency_key)
+        if "series_map" in fields and not dicom_files:
+            raise ProblemError(422, "invalid_series_map", "series_map given without DICOM files", field="series_map")
+        if dicom_files:
+            uploads = [(f.filename or f"{DICOM_FIELD}[{i}]", f.file) for i, f in enumerate(dicom_files)]
+            dicom = await run_in_threadpool(inspect_dicom_upload, uploads, modalities=modalities,
+                                            series_map=fields.get("series_map"), cfg=settings.dicom,
+                                            max_voxels=settings.api.max_volume_voxels)
+        req = parse_request(files, fields, modalities, dicom)
+        job = await run_in_threadpool(create_job, session, storage, key, files, req, idempotency_key, dicom)
     finally:
+        if dicom is not None:
+            dicom.close()
         await form.close()
     location = f"/api/v1/jobs/{job.id}"
     response.headers["Location"] = location

@@ -120,8 +120,10 @@ def test_errors(synth, study):
         synth.synthesize(study, ["t1"])
     with pytest.raises(TargetError):
         synth.synthesize(study, [])
-    bad = Volume(study["t2"].data[:, :-1], LPS)
-    with pytest.raises(StudyGeometryError):
+    elsewhere = LPS.copy()
+    elsewhere[:3, 3] += 500.0  # no overlap with the reference: not one physical space
+    bad = Volume(study["t2"].data[:, :-1], elsewhere)
+    with pytest.raises(StudyGeometryError, match="overlaps"):
         synth.synthesize({"t1": study["t1"], "t2": bad}, ["flair"])
     assert issubclass(TargetError, ValueError) and issubclass(StudyGeometryError, ValueError)
 
@@ -161,13 +163,20 @@ def test_cli(tmp_path, checkpoint, study, capsys):
     assert (tmp_path / "out" / "flair_std.nii.gz").is_file() and summary["steps"] == 2
 
 
-def test_warns_when_the_voxel_size_differs_from_training(tmp_path, study):
+def test_resamples_to_the_training_voxel_size_and_back(tmp_path, study):
     torch.manual_seed(0)
     cfg = micro_config(train_spacing=[1.0, 1.0, 1.0])
     synth = Synthesizer.from_pretrained(save_checkpoint(MSGLDM(cfg), tmp_path / "ck"), device="cpu")
-    assert synth.synthesize(study, ["flair"], steps=1).meta["warnings"] == []
-    coarse = {m: Volume(v.data, LPS @ np.diag([1.0, 1.0, 5.0, 1.0])) for m, v in study.items()}
-    assert "voxel size" in synth.synthesize(coarse, ["flair"], steps=1).meta["warnings"][0]
+    same = synth.synthesize(study, ["flair"], steps=1)
+    assert same.meta["warnings"] == [] and same.meta["work_grid"] is None
+    coarse_affine = LPS @ np.diag([1.0, 1.0, 2.0, 1.0])
+    coarse = {m: Volume(v.data, coarse_affine) for m, v in study.items()}
+    result = synth.synthesize(coarse, ["flair"], steps=1)
+    assert "resampled" in result.meta["warnings"][0]
+    assert result.meta["work_grid"]["shape"][2] == 2 * study["t1"].shape[2]  # 2 mm slices -> 1 mm
+    flair = result.volumes["flair"]
+    assert flair.shape == study["t1"].shape and np.array_equal(flair.affine, coarse_affine)
+    assert flair.data.max() > 0 and (flair.data[study["t1"].data == 0] == 0).all()
 
 
 @pytest.mark.gpu

@@ -167,8 +167,10 @@ def test_bad_files(app_client, stack, study, tmp_path):
     four_d = tmp_path / "4d.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.float32), np.eye(4)), four_d)
     assert_problem(post(files=[("t1", ("4d.nii.gz", four_d.read_bytes()))]), 422, "not_3d")
-    other_grid = tmp_path / "other.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros((20, 24, 12), np.float32), np.eye(4)), other_grid)
+    other_grid = tmp_path / "other.nii.gz"  # another grid is resampled by the worker, but not another space
+    elsewhere = np.eye(4)
+    elsewhere[:3, 3] = 400
+    nib.save(nib.Nifti1Image(np.zeros((20, 24, 12), np.float32), elsewhere), other_grid)
     assert_problem(post(files=[("t1", ("a", study["t1"].read_bytes())), ("t2", ("b", other_grid.read_bytes()))]),
                    422, "grid_mismatch")
     # nothing half-made: no job rows, no stored objects
