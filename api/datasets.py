@@ -14,13 +14,11 @@ import yaml
 
 from api.core.settings import ROOT, get_settings
 from api.core.storage import Storage
+from api.core.training import DATASET_LAYOUTS as LAYOUTS
 from api.errors import ProblemError
 from api.schemas import DatasetReport, DatasetSpec
 
 PRESETS = ROOT / "model" / "presets"
-# API layout names -> model.data layouts; "brats" takes every BraTS naming (2020, 2021, 2023, BraTS-Toolkit)
-LAYOUTS = {"brats": "auto", "wmh": "wmh", "ixi": "ixi", "auto": "auto", "brats2020": "brats2020",
-           "brats2021": "brats2021", "brats2023": "brats2023", "brats-toolkit": "brats-toolkit"}
 
 
 def preset_modalities(preset: str) -> list[str]:

@@ -12,10 +12,10 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.core.jobs import InvalidTransition, JobNotFound
-from api.core.registry import PromotionRefused, VersionNotFound
-from api.core.training import RunNotFound
 from api.core.queue import BrokerUnavailable
+from api.core.registry import PromotionRefused, VersionNotFound
 from api.core.storage import ObjectNotFound, StorageError
+from api.core.training import RunNotFound
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"

@@ -95,12 +95,12 @@ def promote(session: Session, version: str, *, force: bool = False, reason: str 
         raise PromotionRefused("below_baselines", f"{version} does not beat the baselines on its validation split "
                                                   "(or was never evaluated); promote with force=true to serve it")
     current = serving(session)
-    now = utcnow()
+    now, forced = utcnow(), force and not beats_baselines(row)
     if current is not None:
         session.execute(update(ModelVersion).where(ModelVersion.version == current.version)
                         .values(status=ModelStatus.retired).execution_options(synchronize_session=False))
     session.execute(update(ModelVersion).where(ModelVersion.version == version)
-                    .values(status=ModelStatus.serving, promoted_at=now, promoted_forced=force and not beats_baselines(row),
+                    .values(status=ModelStatus.serving, promoted_at=now, promoted_forced=forced,
                             promotion_reason=reason, previous_version=current.version if current else None)
                     .execution_options(synchronize_session=False))
     session.commit()  # one transaction: a concurrent promotion fails on the unique serving index

@@ -69,6 +69,7 @@ class TrainingSettings(BaseModel):
     work_dir: Path = VAR / "training"  # per-run folders on the worker host (checkpoints also go to storage)
     checkpoint_upload_seconds: float = 60.0  # upload changed stage checkpoints at most this often (and at the end)
     log_tail_lines: int = 40
+    threads: int | None = None  # torch CPU threads of the trainer (None: torch's default)
     validate_timeout_seconds: float = 300.0  # dataset validation in the API (reads headers and labels)
     # evaluation of a finished run against the baselines (model.evaluate); None: its defaults
     eval_steps: int | None = None

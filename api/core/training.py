@@ -18,7 +18,16 @@ from api.core.jobs import ACTIVE, Claim, InvalidTransition
 from api.core.models import JobStatus as RunStatus
 from api.core.models import TrainingRun, utcnow
 
-__all__ = ["Claim", "InvalidTransition", "RunNotFound", "RunStatus"]
+__all__ = ["DATASET_LAYOUTS", "Claim", "InvalidTransition", "RunNotFound", "RunStatus", "checkpoint_prefix"]
+
+# API layout names -> model.data layouts; "brats" takes every BraTS naming (2020, 2021, 2023, BraTS-Toolkit)
+DATASET_LAYOUTS = {"brats": "auto", "wmh": "wmh", "ixi": "ixi", "auto": "auto", "brats2020": "brats2020",
+                   "brats2021": "brats2021", "brats2023": "brats2023", "brats-toolkit": "brats-toolkit"}
+
+
+def checkpoint_prefix(run_id: str) -> str:
+    """Where a run's resumable stage checkpoints live in object storage."""
+    return f"training-runs/{run_id}/checkpoint/"
 
 
 class RunNotFound(LookupError):

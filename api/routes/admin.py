@@ -16,7 +16,7 @@ from api import datasets
 from api.auth import require
 from api.core import registry
 from api.core import training as runs
-from api.core.models import ApiKey, ModelVersion, Role, TrainingRun
+from api.core.models import ApiKey, ModelVersion, TrainingRun
 from api.core.queue import publish_training
 from api.deps import SessionDep, StorageDep
 from api.errors import ProblemError
