@@ -400,6 +400,8 @@ def run_training(run_id: str) -> str:
         with session_scope() as session:
             cancelled = training.mark_cancelled(session, claim, log_tail=monitor.log_tail())
         log.info("training run %s stopped (%s)", run_id, "cancelled" if cancelled else "claim lost")
+        if cancelled:
+            shutil.rmtree(workdir, ignore_errors=True)
         return "cancelled" if cancelled else "stale"
     except SoftTimeLimitExceeded:
         return _fail(claim, monitor, "time_limit", "the training run ran past its time limit")

@@ -179,6 +179,18 @@ def trainer_args() -> list[str]:
             "--loglevel", "INFO", "-n", f"trainer-{uuid.uuid4().hex[:6]}@%h"]
 
 
+def trainer_pids(run_id: str) -> list[int]:
+    """Processes whose command line names the run (the trainer writes under its run folder)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and run_id.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
 def wait_run(client: httpx.Client, run_id: str, until, timeout: float = 400) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -258,6 +270,19 @@ def test_training_run_end_to_end(service, datasets, monkeypatch):
         assert r.status_code == 200 and r.json()["version"] == default["serving"], r.text
         job = synthesize(admin, study)
         assert job["status"] == "succeeded" and job["model_version"] == default["serving"], job
+
+        # cancel while training: the trainer's process group goes (and the GPU memory it held with it)
+        long_run = admin.post("/api/v1/admin/training-runs", json=run_body(datasets["good"], max_steps=100000)).json()
+        wait_run(admin, long_run["id"], lambda x: bool(trainer_pids(long_run["id"])), timeout=120)
+        assert admin.post(f"/api/v1/admin/training-runs/{long_run['id']}/cancel").status_code == 200
+        cancelled = wait_run(admin, long_run["id"], lambda x: x["status"] != "running", timeout=60)
+        assert cancelled["status"] == "cancelled" and cancelled["model_version"] is None, cancelled
+        assert not trainer_pids(long_run["id"])
+        assert admin.post(f"/api/v1/admin/training-runs/{long_run['id']}/cancel").json()["code"] == "invalid_state"
+        listed = admin.get("/api/v1/admin/training-runs", params={"limit": 1}).json()
+        assert [r["id"] for r in listed["items"]] == [long_run["id"]] and listed["next_cursor"]
+        older = admin.get("/api/v1/admin/training-runs", params={"cursor": listed["next_cursor"]}).json()
+        assert [r["id"] for r in older["items"]] == [run_id]
     finally:
         admin.close()
         stop_process(trainer)
