@@ -553,6 +553,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         if stage in stages:
             t = time.time()
             results[stage] = train_stage(stage, model, train_ds, val_ds, run, steps[stage], batch, seed)
+            if world > 1:
+                dist.barrier()  # rank 0 has written stage{k}.pt before any rank loads it below
             run.log({"stage": stage, "step": steps[stage], "split": "summary", "wall_s": round(time.time() - t, 1)})
         if stage < 2 and max(stages) == 2:  # stage 2 needs the trained (frozen) stages 0 and 1
             state = _load_stage(run, stage)
