@@ -81,11 +81,9 @@ def _register_configured() -> Synthesizer:
     synth = _load(path)
     _remember(synth.version, synth)
     config = json.loads((path / "config.json").read_text())
-    metrics_path = path / "metrics.json"
-    with session_scope() as session:
+    with session_scope() as session:  # no registry metrics: it was not evaluated by a training run here
         registry.register_initial(session, version=synth.version, local_path=str(path), preset=config.get("name"),
-                                  modalities=list(config.get("modalities") or []),
-                                  metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else {})
+                                  modalities=list(config.get("modalities") or []), metrics={})
     return synth
 
 

@@ -25,6 +25,7 @@ from api.schemas import (
     PROBLEM_RESPONSES,
     DatasetReport,
     DatasetSpec,
+    HistoryEntry,
     ModelVersionPublic,
     Problem,
     PromoteRequest,
@@ -44,7 +45,7 @@ def run_public(run: TrainingRun) -> TrainingRunPublic:
     return TrainingRunPublic(
         id=run.id, status=run.status, stage=stage, progress=run.progress, preset=run.preset, dataset=run.dataset,
         params=run.params, created_at=run.created_at, started_at=run.started_at, finished_at=run.finished_at,
-        history=run.history or [], log_tail=run.log_tail or "", checkpoint=run.checkpoint,
+        history=[HistoryEntry(**h) for h in run.history or []], log_tail=run.log_tail or "", checkpoint=run.checkpoint,
         model_version=run.model_version, error_code=run.error_code, error_message=run.error_message,
         attempts=run.attempts)
 
@@ -146,7 +147,7 @@ def promote(version: str, session: SessionDep, body: PromoteRequest | None = Non
             key: ApiKey = ADMIN) -> ModelVersionPublic:
     """Serve this version from every worker's next job; the serving one is retired. A version that does not beat
     both baselines on its validation split needs ``force: true`` (409 ``below_baselines`` otherwise)."""
-    body = body or PromoteRequest()
+    body = body or PromoteRequest(force=False, reason=None)
     row = registry.promote(session, version, force=body.force, reason=body.reason)
     # audit: promote
     # audit: force (when row.promoted_forced: served although below the baselines)

@@ -75,6 +75,19 @@ def test_dataset_validation_and_refusal(app_client, datasets, stack):
     assert report["modalities"] == {"t1": 1, "t2": 1, "t1ce": 1, "flair": 1}
     assert report["labels"]["brats2023"]["ET"] == [3]
 
+    from api.core.storage import get_storage
+
+    for f in sorted((datasets["good"] / CASE).iterdir()):  # the same case under an object-storage prefix
+        get_storage().put_file(f"datasets/site-a/{CASE}/{f.name}", f)
+    r = app_client.post("/api/v1/admin/datasets/validate", headers=auth,
+                        json={"prefix": "datasets/site-a", "layout": "brats"})
+    assert r.json()["valid"] and r.json()["cases"] == 1, r.json()
+    r = app_client.post("/api/v1/admin/datasets/validate", headers=auth, json={"prefix": "datasets/none"})
+    assert not r.json()["valid"] and "no objects" in r.json()["problems"][0]
+    r = app_client.post("/api/v1/admin/datasets/validate", headers=auth,
+                        json={"prefix": "datasets/site-a", "path": str(datasets["good"])})
+    assert r.status_code == 422 and r.json()["code"] == "invalid_request"
+
     r = app_client.post("/api/v1/admin/datasets/validate", headers=auth,
                         json={"path": str(datasets["bad"]), "layout": "brats"})
     assert r.status_code == 200 and not r.json()["valid"]
