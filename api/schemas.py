@@ -146,6 +146,7 @@ class TrainingRunCreate(BaseModel):
     def _check(self) -> TrainingRunCreate:
         if not self.stages or sorted(set(self.stages)) != sorted(self.stages) or not set(self.stages) <= {0, 1, 2}:
             raise ValueError("stages is a non-empty list of distinct stages among 0, 1, 2")
+        self.stages = sorted(self.stages)  # trained in order: each stage builds on the earlier ones
         if 2 not in self.stages:
             raise ValueError("stages must include 2 (a run produces a model version)")
         if set(self.stages) != {0, 1, 2} and self.base_version is None:
