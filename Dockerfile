@@ -12,6 +12,9 @@ COPY api ./api
 COPY worker ./worker
 COPY migrations ./migrations
 COPY ops ./ops
+# the model package's source in both images: the API reads the serving checkpoint's config.json and validates
+# training datasets with `python -m model.data` (numpy + nibabel only); only the worker installs torch
+COPY model ./model
 
 FROM base AS api
 RUN pip install -e . && mkdir -p /app/var && chown msgldm /app/var
@@ -22,7 +25,6 @@ HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
 CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
 
 FROM base AS worker
-COPY model ./model
 RUN pip install -e '.[model]' && mkdir -p /app/var && chown msgldm /app/var
 USER msgldm
 # One process per GPU: concurrency 1, the model loaded in the pool child after the fork.

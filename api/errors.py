@@ -13,7 +13,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.core.jobs import InvalidTransition, JobNotFound
 from api.core.queue import BrokerUnavailable
+from api.core.registry import PromotionRefused, VersionNotFound
 from api.core.storage import ObjectNotFound, StorageError
+from api.core.training import RunNotFound
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
@@ -60,6 +62,18 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     async def _not_found(request: Request, exc: JobNotFound) -> JSONResponse:
         return problem_response(request, ProblemError(404, "job_not_found", str(exc)))
+
+    @app.exception_handler(RunNotFound)
+    async def _no_run(request: Request, exc: RunNotFound) -> JSONResponse:
+        return problem_response(request, ProblemError(404, "training_run_not_found", str(exc)))
+
+    @app.exception_handler(VersionNotFound)
+    async def _no_version(request: Request, exc: VersionNotFound) -> JSONResponse:
+        return problem_response(request, ProblemError(404, "model_version_not_found", str(exc)))
+
+    @app.exception_handler(PromotionRefused)
+    async def _refused(request: Request, exc: PromotionRefused) -> JSONResponse:
+        return problem_response(request, ProblemError(409, exc.code, str(exc)))
 
     @app.exception_handler(ObjectNotFound)
     async def _no_object(request: Request, exc: ObjectNotFound) -> JSONResponse:

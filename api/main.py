@@ -10,7 +10,7 @@ from api import errors
 from api.core.settings import get_settings
 from api.limits import BodySizeLimit
 from api.metrics import MetricsMiddleware
-from api.routes import health, jobs, synthesize
+from api.routes import admin, health, jobs, models, synthesize
 
 DESCRIPTION = """
 Fills in a missing brain MRI sequence (T1, T2, T1CE or FLAIR) with MSG-LDM, a multiscale structure-guided
@@ -31,10 +31,14 @@ def create_app() -> FastAPI:
     app = FastAPI(title="MSG-LDM synthesis service", version="0.1.0", description=DESCRIPTION,
                   openapi_tags=[{"name": "synthesis", "description": "submit a study"},
                                 {"name": "jobs", "description": "follow jobs and fetch results"},
+                                {"name": "models", "description": "model versions and the serving one"},
+                                {"name": "admin", "description": "training runs, datasets, promotion, rollback"},
                                 {"name": "health", "description": "probes and metrics"}])
     errors.install(app)
     app.include_router(synthesize.router)
     app.include_router(jobs.router)
+    app.include_router(models.router)
+    app.include_router(admin.router)
     app.include_router(health.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 JOB_EXAMPLE: dict[str, Any] = {
     "id": "3b0c1a52-8f4e-4c55-9a51-2f1d7c9e4b10",
@@ -96,3 +96,126 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     403: {"model": Problem, "description": "the key's role may not do this"},
     503: {"model": Problem, "description": "a dependency is down; retry after Retry-After seconds"},
 }
+
+
+# ----------------------------------------------------------------------------------------------- training, models
+
+class DatasetSpec(BaseModel):
+    """Where the training data is: a folder on the worker host (the API host must see it too, to validate it) or
+    an object-storage prefix; ``layout`` brats (2020/2021/2023 and BraTS-Toolkit names), wmh or ixi."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"path": "/datasets/brats2023", "layout": "brats"}, {"prefix": "datasets/site-a/", "layout": "wmh"}]})
+
+    path: str | None = None
+    prefix: str | None = None
+    layout: str = "brats"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.path is None) == (self.prefix is None):
+            raise ValueError("give exactly one of path and prefix")
+        return self
+
+
+class DatasetReport(BaseModel):
+    valid: bool
+    cases: int
+    modalities: dict[str, int] = Field(description="modality -> number of cases that have it")
+    labels: dict[str, Any] = Field(description="label convention per layout found: region -> label values")
+    layouts: dict[str, int] = Field(default_factory=dict)
+    problems: list[str]
+    case_details: list[dict[str, Any]] = Field(default_factory=list, description="per case (at most 200)")
+
+
+class TrainingRunCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"preset": "brats", "dataset": {"path": "/datasets/brats2023", "layout": "brats"}, "stages": [0, 1, 2],
+         "max_steps": [20000, 10000, 30000], "batch_size": 8, "gpus": None, "base_version": None}]})
+
+    preset: str = Field("brats", pattern=r"^[A-Za-z0-9_-]{1,100}$", description="brats, wmh, ixi or tiny")
+    dataset: DatasetSpec
+    stages: list[int] = Field(default_factory=lambda: [0, 1, 2],
+                              description="0 autoencoder, 1 structure model, 2 diffusion; must include 2; stages "
+                                          "left out come from base_version")
+    epochs: float | None = Field(None, gt=0, description="epochs per stage (instead of max_steps)")
+    max_steps: int | list[int] | None = Field(None, description="steps per stage: N, or [N0, N1, N2]")
+    batch_size: int | None = Field(None, ge=1, le=4096)
+    gpus: int | None = Field(None, ge=1, description="GPUs to use through DDP; default every GPU of the host")
+    base_version: str | None = Field(None, description="fine-tune from this model version")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingRunCreate:
+        if not self.stages or sorted(set(self.stages)) != sorted(self.stages) or not set(self.stages) <= {0, 1, 2}:
+            raise ValueError("stages is a non-empty list of distinct stages among 0, 1, 2")
+        self.stages = sorted(self.stages)  # trained in order: each stage builds on the earlier ones
+        if 2 not in self.stages:
+            raise ValueError("stages must include 2 (a run produces a model version)")
+        if set(self.stages) != {0, 1, 2} and self.base_version is None:
+            raise ValueError("stages left out of the run come from base_version: give one, or train all stages")
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("give epochs or max_steps, not both")
+        steps = [self.max_steps] if isinstance(self.max_steps, int) else self.max_steps
+        if steps is not None and (len(steps) not in (1, 3) or any(s < 1 for s in steps)):
+            raise ValueError("max_steps is a positive N or [N0, N1, N2]")
+        return self
+
+
+class HistoryEntry(BaseModel):
+    stage: int
+    epoch: float | None
+    step: int
+    losses: dict[str, float]
+    val: dict[str, float]
+
+
+class TrainingRunPublic(BaseModel):
+    id: str
+    status: str = Field(description="queued, running, succeeded, failed or cancelled")
+    stage: int | str | None = Field(description="0, 1, 2, 'evaluate' or null")
+    progress: int = Field(ge=0, le=100)
+    preset: str
+    dataset: dict[str, Any]
+    params: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    history: list[HistoryEntry]
+    log_tail: str
+    checkpoint: dict[str, Any] | None = Field(description="the last checkpoint in object storage: {stage, step}")
+    model_version: str | None
+    error_code: str | None
+    error_message: str | None
+    attempts: int
+
+
+class TrainingRunList(BaseModel):
+    items: list[TrainingRunPublic]
+    next_cursor: str | None
+
+
+class ModelVersionPublic(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    version: str
+    status: str = Field(description="candidate, serving or retired")
+    preset: str | None
+    created_at: datetime
+    promoted_at: datetime | None
+    training_run_id: str | None
+    base_version: str | None
+    previous_version: str | None = Field(description="the version a rollback of this one serves again")
+    forced: bool = Field(description="promoted with force although it did not beat the baselines")
+    metrics: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    serving: str | None
+    items: list[ModelVersionPublic]
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    force: bool = Field(False, description="serve it even though it does not beat the baselines (audited)")
+    reason: str | None = Field(None, max_length=2000)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from model.checkpoint import save_checkpoint
+from model.checkpoint import load_checkpoint, read_config, save_checkpoint
 from model.config import MSGLDMConfig, load_preset
 from model.data import find_cases, split_cases
 from model.dataset import ModalityMasker, SliceDataset
@@ -447,6 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--layout", default="auto")
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="fine-tune: start from this inference checkpoint (its config is the run's; stages not trained keep "
+        "its weights)",
+    )
     p.add_argument("--max-steps", default=None, help="steps per stage: N (all stages) or N0,N1,N2")
     p.add_argument("--epochs", type=float, default=None, help="alternative to --max-steps: epochs per stage")
     p.add_argument("--batch-size", type=int, default=None)
@@ -486,7 +493,7 @@ def main(argv: list[str] | None = None) -> Path | None:
 
     import yaml
 
-    cfg = load_preset(args.preset)
+    cfg = read_config(args.init) if args.init else load_preset(args.preset)
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     out: Path = args.out
     saved_cfg = out / "config.json"
@@ -536,14 +543,23 @@ def main(argv: list[str] | None = None) -> Path | None:
 
     torch.manual_seed(seed)
     model = MSGLDM(cfg).to(device)
+    if args.init:
+        base = load_checkpoint(args.init)
+        for part in ("autoencoder", "structure", "unet"):
+            getattr(model, part).load_state_dict(getattr(base, part).state_dict())
+        del base
     results: dict = {}
     for stage in range(3):
         if stage in stages:
             t = time.time()
             results[stage] = train_stage(stage, model, train_ds, val_ds, run, steps[stage], batch, seed)
+            if world > 1:
+                dist.barrier()  # rank 0 has written stage{k}.pt before any rank loads it below
             run.log({"stage": stage, "step": steps[stage], "split": "summary", "wall_s": round(time.time() - t, 1)})
         if stage < 2 and max(stages) == 2:  # stage 2 needs the trained (frozen) stages 0 and 1
             state = _load_stage(run, stage)
+            if state is None and args.init:
+                continue  # not trained in this run: the base checkpoint's weights stand
             if state is None:
                 raise SystemExit(
                     f"stage {max(stages)} needs stage {stage}: {_stage_path(run, stage)} does not exist; "

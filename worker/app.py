@@ -1,4 +1,5 @@
-"""The Celery worker: ``celery -A worker.app worker -Q inference -c 1`` (one process per GPU).
+"""The Celery worker: ``celery -A worker.app worker -Q inference -c 1`` (one process per GPU); training workers
+consume ``-Q training`` (one per host: a run uses every GPU of the host through DDP).
 
 The pool child loads the model after the fork (CUDA is never touched in the parent), then runs the
 heartbeat and the reaper threads beside its tasks.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import celeryd_after_setup, worker_process_init, worker_process_shutdown
 
 from api.core.db import get_engine
 from api.core.queue import get_celery
@@ -16,8 +17,14 @@ from api.core.settings import get_settings
 from worker import runtime
 
 app = get_celery()
-app.conf.include = ["worker.tasks"]
+app.conf.include = ["worker.tasks", "worker.training"]
 log = logging.getLogger(__name__)
+
+
+@celeryd_after_setup.connect
+def _queues(instance: object, **_: object) -> None:
+    """Remember the consumed queues before the fork: a training-only worker loads no serving model."""
+    runtime.QUEUES.update(instance.app.amqp.queues.consume_from)  # type: ignore[attr-defined]
 
 
 @worker_process_init.connect

@@ -1,20 +1,29 @@
-"""Per-process state of a worker child: the model (loaded once), the heartbeat and the reaper."""
+"""Per-process state of a worker child: the serving model (resolved per job), the heartbeat and the reapers.
+
+The registry (api/core/registry.py) names the serving version; each job asks it, fetches that version's
+checkpoint from object storage into a local cache on first use, and keeps the last few loaded synthesizers, so
+a promotion or rollback takes effect from the next job without a restart.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import socket
 import threading
+from collections import OrderedDict
 from datetime import timedelta
-from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from api.core import jobs
+from api.core import jobs, registry, training
 from api.core.db import session_scope
 from api.core.models import WorkerHeartbeat, utcnow
-from api.core.queue import publish_synthesis
+from api.core.queue import publish_synthesis, publish_training
 from api.core.settings import get_settings
+from api.core.storage import get_storage
 
 if TYPE_CHECKING:
     from model.pipeline import Synthesizer
@@ -22,18 +31,87 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _stop = threading.Event()
 _state: dict[str, str | None] = {"model_version": None, "device": None}
+QUEUES: set[str] = set()  # the queues this worker consumes (set in the parent by worker.app before the fork)
+_loaded: OrderedDict[str, Synthesizer] = OrderedDict()  # version -> synthesizer, least recently used first
+_lock = threading.Lock()
 
 
-@lru_cache(maxsize=1)
-def get_synthesizer() -> Synthesizer:
-    """The serving model, loaded once per process on CUDA when present, else CPU."""
+def serves_inference() -> bool:
+    return not QUEUES or get_settings().broker.inference_queue in QUEUES
+
+
+def _load(path: Path, expected: str | None = None) -> Synthesizer:
     from model.pipeline import Synthesizer
 
     settings = get_settings().inference
-    synth = Synthesizer.from_pretrained(settings.checkpoint, device=settings.device)
-    _state["model_version"], _state["device"] = synth.version, str(getattr(synth, "device", settings.device))
-    log.info("model %s loaded from %s on %s", synth.version, settings.checkpoint, _state["device"])
+    synth = Synthesizer.from_pretrained(path, device=settings.device)
+    if expected is not None and synth.version != expected:
+        from model.errors import CheckpointError
+
+        raise CheckpointError(f"the checkpoint at {path} is {synth.version}, not the registered {expected}")
+    _state["device"] = str(getattr(synth, "device", settings.device))
+    log.info("model %s loaded from %s on %s", synth.version, path, _state["device"])
     return synth
+
+
+def _fetch(version: str, prefix: str) -> Path:
+    """The version's checkpoint folder in the local cache, downloaded from object storage on first use."""
+    dest = get_settings().inference.cache_dir / version
+    if (dest / "config.json").is_file():
+        return dest
+    tmp = dest.with_name(f".{version}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    storage = get_storage()
+    for key in storage.list_keys(prefix):
+        storage.get_file(key, tmp / key[len(prefix):])
+    if not (tmp / "config.json").is_file():
+        from model.errors import CheckpointError
+
+        raise CheckpointError(f"model version {version}: no checkpoint under {prefix} in object storage")
+    try:
+        tmp.rename(dest)  # atomic: another process sees a complete folder or none
+    except OSError:  # another worker process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _register_configured() -> Synthesizer:
+    """No version registered yet: serve the configured checkpoint and register it as the serving version."""
+    path = get_settings().inference.checkpoint
+    synth = _load(path)
+    _remember(synth.version, synth)
+    config = json.loads((path / "config.json").read_text())
+    with session_scope() as session:  # no registry metrics: it was not evaluated by a training run here
+        registry.register_initial(session, version=synth.version, local_path=str(path), preset=config.get("name"),
+                                  modalities=list(config.get("modalities") or []), metrics={})
+    return synth
+
+
+def _remember(version: str, synth: Synthesizer) -> Synthesizer:
+    _loaded[version] = synth
+    _loaded.move_to_end(version)
+    while len(_loaded) > max(1, get_settings().inference.max_loaded_models):
+        evicted, _ = _loaded.popitem(last=False)
+        log.info("model %s unloaded (LRU)", evicted)
+        release_memory()
+    return synth
+
+
+def get_synthesizer() -> Synthesizer:
+    """The synthesizer of the version the registry says serves now (asked on every call: one small query)."""
+    with _lock:
+        with session_scope() as session:
+            row = registry.serving(session)
+            version, prefix, local = (row.version, row.storage_prefix, row.local_path) if row else (None, None, None)
+        if version is None:
+            synth = _register_configured()
+        elif version in _loaded:
+            synth = _remember(version, _loaded[version])
+        else:
+            path = _fetch(version, prefix) if prefix else Path(local or get_settings().inference.checkpoint)
+            synth = _remember(version, _load(path, expected=version))
+        _state["model_version"] = synth.version
+        return synth
 
 
 def worker_id() -> str:
@@ -44,7 +122,8 @@ def heartbeat() -> None:
     with session_scope() as session:
         row = session.get(WorkerHeartbeat, worker_id())
         if row is None:
-            row = WorkerHeartbeat(worker_id=worker_id(), queues=get_settings().broker.inference_queue)
+            queues = ",".join(sorted(QUEUES)) or get_settings().broker.inference_queue
+            row = WorkerHeartbeat(worker_id=worker_id(), queues=queues[:200])
             session.add(row)
         row.seen_at, row.model_version, row.device = utcnow(), _state["model_version"], _state["device"]
 
@@ -58,6 +137,13 @@ def reap() -> None:
         publish_synthesis(job_id)
     if requeued or failed or stale:
         log.warning("reaper: re-queued %s, failed %s, re-published %s", requeued, failed, stale)
+    with session_scope() as session:
+        requeued, failed = training.reap_expired(session, max_attempts=settings.training.max_attempts)
+        stale = training.stale_queued(session, older_than=timedelta(seconds=settings.broker.visibility_timeout))
+    for run_id in requeued + stale:
+        publish_training(run_id)
+    if requeued or failed or stale:
+        log.warning("reaper: training runs re-queued %s, failed %s, re-published %s", requeued, failed, stale)
 
 
 def _loop() -> None:
@@ -72,12 +158,13 @@ def _loop() -> None:
 
 
 def start() -> None:
-    """Load the model, then keep a heartbeat and the reaper going until the process stops."""
+    """Load the serving model (inference workers), then keep a heartbeat and the reapers going until the end."""
     _stop.clear()
-    try:
-        get_synthesizer()
-    except Exception:  # noqa: BLE001 - reported through /readyz (no model) and each job's error
-        log.exception("the serving model could not be loaded")
+    if serves_inference():
+        try:
+            get_synthesizer()
+        except Exception:  # noqa: BLE001 - reported through /readyz (no model) and each job's error
+            log.exception("the serving model could not be loaded")
     threading.Thread(target=_loop, name="heartbeat-reaper", daemon=True).start()
 
 

@@ -1,4 +1,4 @@
-"""ORM: API keys, jobs, worker heartbeats. Job state lives here, never in Celery results."""
+"""ORM: API keys, jobs, worker heartbeats, training runs, model versions. State lives here, never in Celery."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from api.core.db import Base
@@ -117,3 +117,68 @@ class WorkerHeartbeat(Base):
     device: Mapped[str | None] = mapped_column(String(50))
     model_version: Mapped[str | None] = mapped_column(String(100))
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ModelStatus(enum.StrEnum):
+    candidate = "candidate"  # registered by a training run, never served
+    serving = "serving"  # the one version every worker serves (at most one row)
+    retired = "retired"  # served before; rollback or promotion may bring it back
+
+
+class ModelVersion(Base):
+    """A model checkpoint known to the service, by content hash (``model.checkpoint.checkpoint_version``)."""
+
+    __tablename__ = "model_version"
+    __table_args__ = (  # at most one serving version, enforced by the database
+        Index("uq_model_version_serving", "status", unique=True, postgresql_where=text("status = 'serving'"),
+              sqlite_where=text("status = 'serving'")),
+    )
+
+    version: Mapped[str] = mapped_column(String(100), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default=ModelStatus.candidate)
+    preset: Mapped[str | None] = mapped_column(String(100))
+    modalities: Mapped[list[str]] = mapped_column(JSON, default=list)
+    storage_prefix: Mapped[str | None] = mapped_column(String(300))  # models/<version>/ in object storage
+    local_path: Mapped[str | None] = mapped_column(Text)  # or a folder on every worker (the shipped default)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    training_run_id: Mapped[str | None] = mapped_column(ForeignKey("training_run.id"))
+    base_version: Mapped[str | None] = mapped_column(String(100))
+    previous_version: Mapped[str | None] = mapped_column(String(100))  # what served before its promotion
+    promoted_forced: Mapped[bool] = mapped_column(default=False)
+    promotion_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class TrainingRun(Base):
+    """An admin's training run: the same claim/lease/fencing columns as a job, with a lease suited to hours."""
+
+    __tablename__ = "training_run"
+    __table_args__ = (Index("ix_training_run_status_created_at", "status", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_key.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued)
+    stage: Mapped[str | None] = mapped_column(String(16))  # "0", "1", "2", "evaluate"
+    progress: Mapped[int] = mapped_column(Integer, default=0)
+
+    preset: Mapped[str] = mapped_column(String(100))
+    dataset: Mapped[dict[str, Any]] = mapped_column(JSON)  # {"path"|"prefix", "layout"}
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)  # stages, epochs, max_steps, batch_size, gpus, base_version
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    log_tail: Mapped[str] = mapped_column(Text, default="")
+    checkpoint: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # last uploaded: {"stage", "step"}
+    model_version: Mapped[str | None] = mapped_column(String(100))
+
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    fencing_token: Mapped[str | None] = mapped_column(String(36))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -16,6 +16,7 @@ from kombu import Queue
 from api.core.settings import Settings, get_settings
 
 SYNTHESIZE_TASK = "msgldm.synthesize"
+TRAIN_TASK = "msgldm.train"
 
 
 class BrokerUnavailable(ConnectionError):
@@ -31,7 +32,7 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.update(
         task_default_queue=broker.inference_queue,
         task_queues=[Queue(broker.inference_queue), Queue(broker.training_queue)],
-        task_routes={SYNTHESIZE_TASK: {"queue": broker.inference_queue}},
+        task_routes={SYNTHESIZE_TASK: {"queue": broker.inference_queue}, TRAIN_TASK: {"queue": broker.training_queue}},
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
@@ -56,10 +57,19 @@ def get_celery() -> Celery:
     return make_celery(get_settings())
 
 
-def publish_synthesis(job_id: str) -> None:
-    """Publish the synthesis task for a committed job row; the message carries only the job id."""
+def _publish(task: str, object_id: str) -> None:
     try:
-        get_celery().send_task(SYNTHESIZE_TASK, args=[job_id], retry=True,
+        get_celery().send_task(task, args=[object_id], retry=True,
                                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
     except Exception as exc:  # kombu raises OperationalError and friends; all mean "not published"
-        raise BrokerUnavailable(f"could not publish job {job_id}: {type(exc).__name__}") from exc
+        raise BrokerUnavailable(f"could not publish {task} {object_id}: {type(exc).__name__}") from exc
+
+
+def publish_synthesis(job_id: str) -> None:
+    """Publish the synthesis task for a committed job row; the message carries only the job id."""
+    _publish(SYNTHESIZE_TASK, job_id)
+
+
+def publish_training(run_id: str) -> None:
+    """Publish a training run (committed row) to the training queue: inference workers never see it."""
+    _publish(TRAIN_TASK, run_id)

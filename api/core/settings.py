@@ -48,6 +48,8 @@ class InferenceSettings(BaseModel):
     checkpoint: Path = ROOT / "model" / "default"
     device: str | None = None  # None: cuda when present, else cpu
     default_steps: int | None = None  # None: the checkpoint's own default
+    cache_dir: Path = VAR / "model-cache"  # model versions fetched from object storage, one folder each
+    max_loaded_models: int = 2  # synthesizers kept in memory per worker process (LRU)
     max_steps: int = 1000
     max_samples: int = 8
 
@@ -58,6 +60,23 @@ class JobSettings(BaseModel):
     reaper_interval_seconds: float = 5.0
     soft_time_limit_seconds: int = 1800
     time_limit_seconds: int = 1900
+
+
+class TrainingSettings(BaseModel):
+    lease_seconds: int = 600  # a training run's lease; renewed every lease/4 seconds while the trainer lives
+    max_attempts: int = 3
+    time_limit_seconds: int = 7 * 24 * 3600  # Celery hard limit of one training task
+    work_dir: Path = VAR / "training"  # per-run folders on the worker host (checkpoints also go to storage)
+    checkpoint_upload_seconds: float = 60.0  # upload changed stage checkpoints at most this often (and at the end)
+    log_tail_lines: int = 40
+    threads: int | None = None  # torch CPU threads of the trainer (None: torch's default)
+    validate_timeout_seconds: float = 300.0  # dataset validation in the API (reads headers and labels)
+    # evaluation of a finished run against the baselines (model.evaluate); None: its defaults
+    eval_steps: int | None = None
+    eval_max_slices: int | None = None
+    eval_targets: str | None = None  # comma-separated, e.g. "flair"
+    eval_available: str | None = None  # numbers of available inputs, e.g. "3"
+    baseline_steps: int = 500
 
 
 class ApiSettings(BaseModel):
@@ -94,6 +113,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     log_level: str = "INFO"

@@ -144,3 +144,41 @@ def test_stage_two_alone_needs_the_earlier_stages(tmp_path, dataset_root):
                 "1",
             ]
         )
+
+
+def test_fine_tune_from_a_checkpoint_trains_only_the_stages_asked(tmp_path, dataset_root):
+    """--init: the base checkpoint's config and weights are the start; stages not trained keep its weights."""
+    from model.checkpoint import save_checkpoint
+    from model.msgldm import MSGLDM
+
+    torch.manual_seed(1)
+    base = save_checkpoint(MSGLDM(micro_config()), tmp_path / "base")
+    args = ["--init", str(base), "--stage", "2", "--data", str(dataset_root), "--out", str(tmp_path / "ft"),
+            "--max-steps", "1", "--threads", "1", "--seed", "0"]
+    dest = train_mod.main(args)
+    tuned, start = load_checkpoint(dest), load_checkpoint(base)
+    assert tuned.cfg.unet == start.cfg.unet and tuned.cfg.name == start.cfg.name  # the base's config, not --preset's
+    for part in ("autoencoder", "structure"):
+        before = getattr(start, part).state_dict()
+        assert all(torch.equal(v, before[k]) for k, v in getattr(tuned, part).state_dict().items()), part
+    before = start.unet.state_dict()
+    assert any(not torch.equal(v, before[k]) for k, v in tuned.unet.state_dict().items())  # stage 2 trained
+    assert not (tmp_path / "ft" / "stage0.pt").exists()
+
+
+def test_ddp_on_cpu_with_two_processes(tmp_path, dataset_root):
+    """torchrun with two processes (gloo on CPU): both ranks train, rank 0 writes the checkpoint."""
+    import subprocess
+    import sys
+
+    preset = tmp_path / "micro.yaml"
+    preset.write_text(yaml.safe_dump(json.loads(micro_config().to_json())))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "model.train",
+           *_args(preset, dataset_root, out, "1,1,1")]
+    result = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                            timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == {"stage0": 1, "stage1": 1, "stage2": 1}
+    load_checkpoint(out / "model")

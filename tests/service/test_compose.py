@@ -49,6 +49,20 @@ def test_the_services_of_the_design_card():
         assert "-c" not in command or command[command.index("-c") + 1] == "1"
 
 
+def test_the_training_worker():
+    """Runs take the training queue only and every GPU of their host (DDP); they see the datasets the API validates."""
+    trainer = SERVICES["trainer"]
+    command = trainer["command"]
+    assert command[command.index("-Q") + 1] == "training" and command[command.index("-c") + 1] == "1"
+    assert trainer["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"
+    datasets = [v for v in trainer["volumes"] if v.endswith(":/datasets:ro")]
+    assert datasets and datasets[0] in SERVICES["api"]["volumes"]
+    for name in SERVICES:
+        if name.startswith("worker"):
+            q = SERVICES[name].get("command") or ["-Q", "inference"]
+            assert q[q.index("-Q") + 1] == "inference", name
+
+
 def test_health_checks_and_start_order():
     for name, service in SERVICES.items():
         if name in ONE_SHOT:

@@ -1,0 +1,163 @@
+"""Admin: training runs (queue, follow, cancel, list), dataset validation, model promotion and rollback."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from api import datasets
+from api.auth import require
+from api.core import registry
+from api.core import training as runs
+from api.core.models import ApiKey, ModelVersion, TrainingRun
+from api.core.queue import publish_training
+from api.deps import SessionDep, StorageDep
+from api.errors import ProblemError
+from api.routes.models import to_public as version_public
+from api.schemas import (
+    PROBLEM_RESPONSES,
+    DatasetReport,
+    DatasetSpec,
+    HistoryEntry,
+    ModelVersionPublic,
+    Problem,
+    PromoteRequest,
+    TrainingRunCreate,
+    TrainingRunList,
+    TrainingRunPublic,
+)
+
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
+ADMIN = require()  # admin only
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "no such run or version"}}
+CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": Problem, "description": "not allowed now; see `code`"}}
+
+
+def run_public(run: TrainingRun) -> TrainingRunPublic:
+    stage: int | str | None = int(run.stage) if run.stage and run.stage.isdigit() else run.stage
+    return TrainingRunPublic(
+        id=run.id, status=run.status, stage=stage, progress=run.progress, preset=run.preset, dataset=run.dataset,
+        params=run.params, created_at=run.created_at, started_at=run.started_at, finished_at=run.finished_at,
+        history=[HistoryEntry(**h) for h in run.history or []], log_tail=run.log_tail or "", checkpoint=run.checkpoint,
+        model_version=run.model_version, error_code=run.error_code, error_message=run.error_message,
+        attempts=run.attempts)
+
+
+def _get_run(session: Session, run_id: str) -> TrainingRun:
+    run = session.get(TrainingRun, run_id)
+    if run is None:
+        raise runs.RunNotFound(f"no training run {run_id}")
+    return run
+
+
+@router.post("/datasets/validate", response_model=DatasetReport, responses=PROBLEM_RESPONSES)
+async def validate_dataset(spec: DatasetSpec, storage: StorageDep, preset: str | None = None,
+                           key: ApiKey = ADMIN) -> DatasetReport:
+    """Check a dataset before training on it: cases, modalities per case, label convention, geometry problems.
+    With ``?preset=``, also that every case has the modalities that preset's model needs."""
+    modalities = datasets.preset_modalities(preset) if preset else None
+    return await run_in_threadpool(datasets.validate, spec, storage, modalities)
+
+
+@router.post("/training-runs", status_code=202, response_model=TrainingRunPublic, responses={
+    **PROBLEM_RESPONSES, 422: {"model": Problem, "description": "invalid request, unknown preset or base version, "
+                                                                "or an invalid dataset (`report` has the findings)"}})
+async def create_run(body: TrainingRunCreate, response: Response, session: SessionDep, storage: StorageDep,
+                     key: ApiKey = ADMIN) -> TrainingRunPublic:
+    """Queue a training run on the training queue; refused with the dataset report when the dataset is invalid."""
+    modalities = datasets.preset_modalities(body.preset)
+    if body.base_version is not None:
+        base = session.get(ModelVersion, body.base_version)
+        if base is None:
+            raise ProblemError(422, "unknown_base_version", f"no model version {body.base_version}")
+        modalities = base.modalities or modalities
+    report = await run_in_threadpool(datasets.validate, body.dataset, storage, modalities)
+    if not report.valid:
+        raise ProblemError(422, "invalid_dataset", f"the dataset is not usable: {'; '.join(report.problems[:5])}",
+                           report=report.model_dump())
+    params = body.model_dump(exclude={"preset", "dataset"})
+    run = TrainingRun(owner_id=key.id, preset=body.preset, dataset=body.dataset.model_dump(exclude_none=True),
+                      params=params | {"cases": report.cases}, history=[], log_tail="")
+    session.add(run)
+    session.commit()
+    try:
+        publish_training(run.id)
+    except Exception:
+        session.delete(run)
+        session.commit()
+        raise
+    # audit: train
+    response.headers["Location"] = f"/api/v1/admin/training-runs/{run.id}"
+    return run_public(run)
+
+
+def _cursor(run: TrainingRun) -> str:
+    return base64.urlsafe_b64encode(json.dumps([run.created_at.isoformat(), run.id]).encode()).decode()
+
+
+@router.get("/training-runs", response_model=TrainingRunList, responses=PROBLEM_RESPONSES)
+def list_runs(session: SessionDep, key: ApiKey = ADMIN,
+              status: Annotated[runs.RunStatus | None, Query(description="only runs in this state")] = None,
+              limit: Annotated[int, Query(ge=1, le=200)] = 50,
+              cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None
+              ) -> TrainingRunList:
+    """Training runs, newest first."""
+    query = select(TrainingRun).order_by(TrainingRun.created_at.desc(), TrainingRun.id.desc()).limit(limit + 1)
+    if status is not None:
+        query = query.where(TrainingRun.status == status)
+    if cursor:
+        try:
+            created_s, run_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+            created = datetime.fromisoformat(created_s)
+        except (ValueError, TypeError) as exc:
+            raise ProblemError(422, "invalid_cursor", "the cursor is not one this API returned") from exc
+        query = query.where(or_(TrainingRun.created_at < created,
+                                and_(TrainingRun.created_at == created, TrainingRun.id < str(run_id))))
+    rows = session.execute(query).scalars().all()
+    page = rows[:limit]
+    return TrainingRunList(items=[run_public(r) for r in page],
+                           next_cursor=_cursor(page[-1]) if len(rows) > limit else None)
+
+
+@router.get("/training-runs/{run_id}", response_model=TrainingRunPublic, responses={**PROBLEM_RESPONSES, **NOT_FOUND})
+def get_run(run_id: str, session: SessionDep, key: ApiKey = ADMIN) -> TrainingRunPublic:
+    """A run's state, stage, progress, losses and validation metrics per logged step, log tail, model version."""
+    return run_public(_get_run(session, run_id))
+
+
+@router.post("/training-runs/{run_id}/cancel", response_model=TrainingRunPublic,
+             responses={**PROBLEM_RESPONSES, **NOT_FOUND, **CONFLICT})
+def cancel_run(run_id: str, session: SessionDep, key: ApiKey = ADMIN) -> TrainingRunPublic:
+    """Cancel: a queued run at once; a running one's trainer process group is killed within seconds."""
+    run = runs.request_cancel(session, _get_run(session, run_id))
+    # audit: cancel-run
+    return run_public(run)
+
+
+@router.post("/models/{version}/promote", response_model=ModelVersionPublic,
+             responses={**PROBLEM_RESPONSES, **NOT_FOUND, **CONFLICT})
+def promote(version: str, session: SessionDep, body: PromoteRequest | None = None,
+            key: ApiKey = ADMIN) -> ModelVersionPublic:
+    """Serve this version from every worker's next job; the serving one is retired. A version that does not beat
+    both baselines on its validation split needs ``force: true`` (409 ``below_baselines`` otherwise)."""
+    body = body or PromoteRequest(force=False, reason=None)
+    row = registry.promote(session, version, force=body.force, reason=body.reason)
+    # audit: promote
+    # audit: force (when row.promoted_forced: served although below the baselines)
+    return version_public(row)
+
+
+@router.post("/models/{version}/rollback", response_model=ModelVersionPublic,
+             responses={**PROBLEM_RESPONSES, **NOT_FOUND, **CONFLICT})
+def rollback(version: str, session: SessionDep, key: ApiKey = ADMIN) -> ModelVersionPublic:
+    """Retire the serving ``version`` and serve the one it replaced again (returned)."""
+    row = registry.rollback(session, version)
+    # audit: rollback
+    return version_public(row)

@@ -1,0 +1,434 @@
+"""The training task: claim -> fetch the data and the last checkpoint -> ``python -m model.train`` in its own
+process group (DDP over every GPU of the host via torchrun) -> upload stage checkpoints as they appear ->
+``python -m model.evaluate`` against both baselines -> register a candidate model version -> complete.
+
+Safe to run twice (the claim), resumable after a worker loss (the next attempt downloads the stage checkpoints
+and ``model.train`` continues from them), and a cancel or crash frees the GPUs: the trainer is a separate process
+group, killed as a whole on cancel and bound to the task's process by PR_SET_PDEATHSIG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from api.core import registry, training
+from api.core.db import session_scope
+from api.core.models import ModelVersion, TrainingRun, utcnow
+from api.core.queue import TRAIN_TASK, publish_training
+from api.core.settings import ROOT, get_settings
+from api.core.storage import StorageError, get_storage
+from worker import runtime
+from worker.app import app
+
+log = logging.getLogger(__name__)
+# Runs the trainer with SIGKILL as its parent-death signal (Linux), then execs it: a worker killed with -9 takes
+# its trainer (and the GPU memory it holds) with it.
+GUARD = ("import ctypes, os, signal, sys\n"
+         "try:\n    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\nexcept (AttributeError, OSError):\n"
+         "    pass\nif os.getppid() != int(sys.argv[1]):\n    os._exit(70)\nos.execv(sys.argv[2], sys.argv[2:])\n")
+EVAL_PROGRESS = 90  # training fills 0-90 %, evaluation and registration the rest
+
+
+class RunStopped(Exception):
+    """Cancel was requested, or this worker lost its claim (lease expired and the run moved on)."""
+
+
+class TrainerFailed(RuntimeError):
+    """The trainer or the evaluation exited with an error; the message ends with its log tail."""
+
+
+def world_size(requested: int | None) -> int:
+    """DDP processes: every GPU of the host (or ``requested`` of them); one process on a CPU-only host."""
+    import torch
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return max(1, min(requested or available, available)) if available else 1
+
+
+class Monitor:
+    """Follows the trainer's ``log.jsonl``: history, stage and progress into the run row with each lease renewal
+    (every second: renewal doubles as the cancel check); uploads changed stage checkpoints to object storage."""
+
+    def __init__(self, run: TrainingRun, claim: training.Claim, out: Path, console: Path, world: int) -> None:
+        self.run_id, self.claim, self.out, self.console, self.world = run.id, claim, out, console, world
+        self.params = run.params
+        self.stages: list[int] = run.params.get("stages") or [0, 1, 2]
+        self.settings = get_settings().training
+        self.prefix = training.checkpoint_prefix(run.id)
+        self.uploaded: dict[str, float] = {}
+        self.last_upload = 0.0
+        self.checkpoint: dict[str, Any] | None = run.checkpoint
+        self.stage: str | None = None
+
+    # ----------------------------------------------------------------------------- what the trainer wrote
+    def records(self) -> list[dict[str, Any]]:
+        path = self.out / "log.jsonl"
+        if not path.is_file():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written
+                continue
+        return rows
+
+    def _targets(self) -> list[int] | None:
+        """Steps per stage, as model.train computes them (max_steps, epochs, or the config's)."""
+        try:
+            cfg = json.loads((self.out / "config.json").read_text())["train"]
+            split = json.loads((self.out / "split.json").read_text())
+        except (OSError, ValueError, KeyError):
+            return None
+        steps = self.params.get("max_steps")
+        if isinstance(steps, int):
+            return [steps] * 3
+        if isinstance(steps, list):
+            return steps * 3 if len(steps) == 1 else steps
+        if self.params.get("epochs"):
+            batch = self.params.get("batch_size") or cfg["batch_size"]
+            return [max(1, math.ceil(self.params["epochs"] * split["train_slices"] / (batch * self.world)))] * 3
+        return [cfg["stage0_steps"], cfg["stage1_steps"], cfg["stage2_steps"]]
+
+    def history(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One entry per validation: the stage, epoch, step, the latest training losses and the val metrics."""
+        try:
+            split = json.loads((self.out / "split.json").read_text())
+            batch = self.params.get("batch_size") or json.loads((self.out / "config.json").read_text())["train"][
+                "batch_size"]
+            per_epoch = split["train_slices"] / (batch * self.world)
+        except (OSError, ValueError, KeyError, ZeroDivisionError):
+            per_epoch = 0
+        entries, losses = [], {}
+        skip = {"time", "stage", "step", "split"}
+        for r in records:
+            if r.get("split") == "train":
+                losses[r["stage"]] = {k: v for k, v in r.items() if k not in skip and isinstance(v, int | float)}
+            elif r.get("split") == "val":
+                entries.append({"stage": r["stage"], "step": r["step"],
+                                "epoch": round(r["step"] / per_epoch, 3) if per_epoch else None,
+                                "losses": losses.get(r["stage"], {}),
+                                "val": {k: v for k, v in r.items() if k not in skip and isinstance(v, int | float)}})
+        return entries
+
+    def progress(self, records: list[dict[str, Any]]) -> tuple[str | None, int]:
+        targets = self._targets()
+        done = {s: 0 for s in self.stages}
+        finished: set[int] = set()
+        for r in records:
+            if r.get("stage") in done:
+                done[r["stage"]] = max(done[r["stage"]], int(r.get("step", 0)))
+                if r.get("split") == "summary":
+                    finished.add(r["stage"])
+        current = next((s for s in self.stages if s not in finished), self.stages[-1])
+        if not targets:
+            return str(current), 0
+        total = sum(targets[s] for s in self.stages)
+        return str(current), int(EVAL_PROGRESS * sum(min(done[s], targets[s]) for s in self.stages) / max(total, 1))
+
+    def log_tail(self) -> str:
+        if not self.console.is_file():
+            return ""
+        with self.console.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
+            text = f.read().decode(errors="replace")
+        lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+        return "\n".join(lines[-self.settings.log_tail_lines:])
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def upload_checkpoints(self, force: bool = False) -> None:
+        """Stage checkpoints whose file changed since their last upload (at most every checkpoint_upload_seconds,
+        unless ``force``), with the run's config, split and log so that the next attempt resumes from them."""
+        if not force and time.monotonic() - self.last_upload < self.settings.checkpoint_upload_seconds:
+            return
+        changed = [p for p in sorted(self.out.glob("stage[0-9].pt")) if self.uploaded.get(p.name) != p.stat().st_mtime]
+        if not changed:
+            return
+        storage = get_storage()
+        for p in changed:
+            mtime = p.stat().st_mtime
+            storage.put_file(self.prefix + p.name, p)
+            self.uploaded[p.name] = mtime
+        for name in ("config.json", "split.json", "log.jsonl"):
+            if (self.out / name).is_file():
+                storage.put_file(self.prefix + name, self.out / name)
+        self.last_upload = time.monotonic()
+        self.checkpoint = {"stage": int(changed[-1].name[5]), "files": sorted(self.uploaded),
+                           "uploaded_at": utcnow().isoformat()}
+
+    # ----------------------------------------------------------------------------- the loop
+    def renew(self, **values: Any) -> None:
+        with session_scope() as session:
+            ok = training.renew(session, self.claim, lease_seconds=self.settings.lease_seconds,
+                                log_tail=self.log_tail(), checkpoint=self.checkpoint, **values)
+        if not ok:
+            raise RunStopped(self.run_id)
+
+    def tick(self, stage: str | None = None) -> None:
+        records = self.records()
+        current, progress = self.progress(records)
+        self.upload_checkpoints()
+        self.renew(stage=stage or current, progress=progress if stage is None else EVAL_PROGRESS,
+                   history=self.history(records))
+
+    def follow(self, cmd: list[str], stage: str | None = None) -> None:
+        """Run ``cmd`` in its own process group to its end, ticking every second; kill the group when stopped."""
+        with self.console.open("ab") as console:
+            console.write(f"\n$ {' '.join(cmd)}\n".encode())
+            console.flush()
+            proc = subprocess.Popen([sys.executable, "-c", GUARD, str(os.getpid()), *cmd], cwd=ROOT, stdout=console,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, process_group=0)
+        try:
+            while proc.poll() is None:
+                time.sleep(1.0)
+                try:
+                    self.tick(stage)
+                except RunStopped:
+                    raise
+                except Exception:  # noqa: BLE001 - the database or storage may be restarting; the lease has slack
+                    log.warning("training run %s: progress update failed", self.run_id, exc_info=True)
+        except BaseException:  # cancel, lost claim, soft time limit: the trainer and its GPU memory go now
+            kill_group(proc)
+            raise
+        if proc.returncode != 0:
+            raise TrainerFailed(f"{cmd[2] if len(cmd) > 2 else cmd[0]} exited with {proc.returncode}:\n"
+                                f"{self.log_tail()}")
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the trainer's process group, SIGKILL after ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
+# ----------------------------------------------------------------------------------------------- steps
+
+
+def _download(prefix: str, dest: Path) -> int:
+    storage = get_storage()
+    keys = storage.list_keys(prefix)
+    for key in keys:
+        storage.get_file(key, dest / key[len(prefix):])
+    return len(keys)
+
+
+def _dataset_root(run: TrainingRun, workdir: Path) -> Path:
+    if "prefix" in run.dataset:
+        dest = workdir / "data"
+        shutil.rmtree(dest, ignore_errors=True)
+        prefix = run.dataset["prefix"] if run.dataset["prefix"].endswith("/") else run.dataset["prefix"] + "/"
+        if not _download(prefix, dest):
+            raise TrainerFailed(f"no objects under the dataset prefix {prefix!r}")
+        return dest
+    return Path(run.dataset["path"])
+
+
+def _base_checkpoint(version: str, workdir: Path) -> Path:
+    with session_scope() as session:
+        row = session.get(ModelVersion, version)
+        prefix, local = (row.storage_prefix, row.local_path) if row else (None, None)
+    if prefix:
+        dest = workdir / "base"
+        shutil.rmtree(dest, ignore_errors=True)
+        _download(prefix, dest)
+        return dest
+    if local:
+        return Path(local)
+    raise TrainerFailed(f"base version {version} is not registered")
+
+
+def train_command(run: TrainingRun, data: Path, out: Path, stage: str, world: int, base: Path | None) -> list[str]:
+    p = run.params
+    args = ["-m", "model.train", "--preset", run.preset, "--stage", stage, "--data", str(data),
+            "--layout", training.DATASET_LAYOUTS.get(run.dataset.get("layout", "auto"), "auto"), "--out", str(out)]
+    if p.get("max_steps") is not None:
+        steps = p["max_steps"] if isinstance(p["max_steps"], list) else [p["max_steps"]]
+        args += ["--max-steps", ",".join(str(s) for s in steps)]
+    if p.get("epochs") is not None:
+        args += ["--epochs", str(p["epochs"])]
+    if p.get("batch_size"):
+        args += ["--batch-size", str(p["batch_size"])]
+    if base is not None:
+        args += ["--init", str(base)]
+    threads = get_settings().training.threads
+    if threads:
+        args += ["--threads", str(threads)]
+    if world > 1:  # torchrun sets RANK/WORLD_SIZE; model.train picks nccl on CUDA, gloo on CPU
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", *args[1:]]
+    return [sys.executable, *args]
+
+
+def evaluate_command(checkpoint: Path, data: Path, out: Path, layout: str) -> tuple[list[str], bool]:
+    """model.evaluate on the run's validation split; a dataset too small for one (one subject) is evaluated
+    in-sample on its training cases (flagged in the metrics)."""
+    split = json.loads((checkpoint.parent / "split.json").read_text())
+    cfg = get_settings().training
+    cmd = [sys.executable, "-m", "model.evaluate", "--checkpoint", str(checkpoint), "--data", str(data),
+           "--layout", layout, "--out", str(out), "--baselines", str(out / "baselines"),
+           "--baseline-steps", str(cfg.baseline_steps)]
+    in_sample = not split.get("val")
+    cmd += ["--cases", *split["train"], "--train-cases", *split["train"]] if in_sample else ["--split", "val"]
+    for flag, value in (("--steps", cfg.eval_steps), ("--max-slices", cfg.eval_max_slices),
+                        ("--targets", cfg.eval_targets), ("--available", cfg.eval_available)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd, in_sample
+
+
+def summarize(report: dict[str, Any], in_sample: bool) -> dict[str, Any]:
+    """The registry's metrics: MSG-LDM and baseline PSNR/SSIM (paper 2D protocol) per target and on average;
+    ``beats_baselines`` when the mean PSNR and the mean SSIM both exceed each baseline's."""
+    summary = report["summary"]
+
+    def cell(method: str, target: str) -> dict[str, float] | None:
+        c = summary.get(method, {}).get(target, {}).get("all", {})
+        if "paper_psnr" not in c:
+            return None
+        return {"psnr": round(c["paper_psnr"]["mean"], 4), "ssim": round(c["paper_ssim"]["mean"], 4)}
+
+    def mean(cells: list[dict[str, float] | None]) -> dict[str, float] | None:
+        cells_ = [c for c in cells if c]
+        if not cells_:
+            return None
+        return {k: round(sum(c[k] for c in cells_) / len(cells_), 4) for k in ("psnr", "ssim")}
+
+    targets = sorted(summary.get("msgldm", {}))
+    per_target = {t: c for t in targets if (c := cell("msgldm", t))}
+    overall = mean(list(per_target.values()))
+    baselines = {b: m for b in ("nearest", "unet") if (m := mean([cell(b, t) for t in targets]))}
+    beats = bool(overall and baselines) and all(
+        overall["psnr"] > b["psnr"] and overall["ssim"] > b["ssim"] for b in baselines.values())  # type: ignore[index]
+    return {"per_target": per_target, "mean": overall or {}, "baselines": baselines, "beats_baselines": beats,
+            "protocol": "paper 2D (model.evaluate): PSNR/SSIM over brain slices, mean over cases and input subsets",
+            "cases": report.get("cases", []), "in_sample": in_sample, "steps": report.get("steps")}
+
+
+def register(run: TrainingRun, checkpoint: Path, metrics: dict[str, Any]) -> str:
+    """Upload the checkpoint under models/<version>/ and register it as a candidate."""
+    from model.checkpoint import checkpoint_version
+
+    version = checkpoint_version(checkpoint)
+    prefix = f"models/{version}/"
+    storage = get_storage()
+    for f in sorted(checkpoint.iterdir()):
+        if f.is_file():
+            storage.put_file(prefix + f.name, f)
+    config = json.loads((checkpoint / "config.json").read_text())
+    with session_scope() as session:
+        registry.register_candidate(session, version=version, storage_prefix=prefix, preset=run.preset,
+                                    modalities=list(config.get("modalities") or []), metrics=metrics,
+                                    training_run_id=run.id, base_version=run.params.get("base_version"))
+    return version
+
+
+# ----------------------------------------------------------------------------------------------- the task
+
+
+def run_training(run_id: str) -> str:
+    """Run one training run to an end state; returns what happened (for logs and tests)."""
+    settings = get_settings()
+    with session_scope() as session:
+        claim = training.claim(session, run_id, worker_id=runtime.worker_id(),
+                               lease_seconds=settings.training.lease_seconds,
+                               max_attempts=settings.training.max_attempts)
+        run = session.get(TrainingRun, run_id) if claim else None
+        if run is not None:
+            session.expunge(run)
+    if claim is None or run is None:
+        log.info("training run %s: not claimable (finished, cancelled or held elsewhere)", run_id)
+        return "skipped"
+    workdir = settings.training.work_dir / run_id
+    out, console = workdir / "out", workdir / "console.log"
+    world = world_size(run.params.get("gpus"))
+    monitor = Monitor(run, claim, out, console, world)
+    try:
+        # storage holds the truth of a run's progress: start from its checkpoints (none on the first attempt)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        resumed = _download(training.checkpoint_prefix(run_id), out)
+        monitor.uploaded = {p.name: p.stat().st_mtime for p in out.glob("stage[0-9].pt")}
+        log.info("training run %s attempt %d on %d process(es)%s", run_id, claim.attempt, world,
+                 f", resuming from {resumed} checkpoint files" if resumed else "")
+        monitor.renew(stage=str(run.params.get("stages", [0])[0]), progress=0)
+        data = _dataset_root(run, workdir)
+        base = _base_checkpoint(run.params["base_version"], workdir) if run.params.get("base_version") else None
+        stages = run.params.get("stages") or [0, 1, 2]
+        for stage in ["all"] if stages == [0, 1, 2] else [str(s) for s in stages]:
+            monitor.follow(train_command(run, data, out, stage, world, base))
+        monitor.upload_checkpoints(force=True)
+        monitor.tick()
+
+        layout = training.DATASET_LAYOUTS.get(run.dataset.get("layout", "auto"), "auto")
+        cmd, in_sample = evaluate_command(out / "model", data, workdir / "evaluation", layout)
+        shutil.rmtree(workdir / "evaluation", ignore_errors=True)
+        monitor.follow(cmd, stage="evaluate")
+        report_path = workdir / "evaluation" / "report.json"
+        report = json.loads(report_path.read_text())
+        for name in ("report.json", "report.md"):
+            get_storage().put_file(f"training-runs/{run_id}/evaluation/{name}", workdir / "evaluation" / name)
+        metrics = summarize(report, in_sample) | {"report": f"training-runs/{run_id}/evaluation/report.json"}
+        version = register(run, out / "model", metrics)
+        with session_scope() as session:
+            done = training.complete(session, claim, model_version=version, stage=None, log_tail=monitor.log_tail(),
+                                     history=monitor.history(monitor.records()))
+        log.info("training run %s: %s (candidate %s)", run_id, "succeeded" if done else "stale", version)
+        if done:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return "succeeded" if done else "stale"
+    except RunStopped:
+        with session_scope() as session:
+            cancelled = training.mark_cancelled(session, claim, log_tail=monitor.log_tail())
+        log.info("training run %s stopped (%s)", run_id, "cancelled" if cancelled else "claim lost")
+        if cancelled:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return "cancelled" if cancelled else "stale"
+    except SoftTimeLimitExceeded:
+        return _fail(claim, monitor, "time_limit", "the training run ran past its time limit")
+    except StorageError as exc:
+        return _fail(claim, monitor, "storage_unavailable", str(exc), retry=True)
+    except TrainerFailed as exc:
+        return _fail(claim, monitor, "training_error", str(exc))
+    except Exception as exc:
+        log.exception("training run %s failed", run_id)
+        return _fail(claim, monitor, "training_error", f"{type(exc).__name__}: {exc}")
+
+
+def _fail(claim: training.Claim, monitor: Monitor, code: str, message: str, retry: bool = False) -> str:
+    retry = retry and claim.attempt < get_settings().training.max_attempts
+    with session_scope() as session:
+        training.fail(session, claim, code=code, message=message[-4000:], retry=retry, log_tail=monitor.log_tail())
+    if retry:
+        publish_training(claim.job_id)
+    log.warning("training run %s attempt %d: %s%s", claim.job_id, claim.attempt, code, " - re-queued" if retry else "")
+    return "requeued" if retry else "failed"
+
+
+_limit = get_settings().training.time_limit_seconds
+
+
+@app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True, time_limit=_limit,
+          soft_time_limit=max(_limit - 60, 1))
+def train(run_id: str) -> None:
+    """Celery entry point on the training queue: the message carries only the run id."""
+    run_training(run_id)
