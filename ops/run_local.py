@@ -1,7 +1,8 @@
 """``make run``: the whole service on one machine with no servers, supervised.
 
 Applies migrations, writes a bootstrap admin key to var/api-key (first start), starts the API on
-127.0.0.1:$PORT and one Celery worker, restarts the worker whenever it dies, and prints a curl example
+127.0.0.1:$PORT, one Celery worker for inference and one for training runs, restarts either whenever it dies,
+and prints a curl example
 that submits the bundled sample study. Ctrl-C stops everything.
 """
 
@@ -107,7 +108,10 @@ def main() -> int:
     api_cmd = [py, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
     worker_cmd = [py, "-m", "celery", "-A", "worker.app", "worker", "-Q", get_settings().broker.inference_queue,
                   "-c", "1", "--loglevel", "INFO", "-n", "local@%h"]
-    procs = {"api": start("api", api_cmd, env), "worker": start("worker", worker_cmd, env)}
+    trainer_cmd = [py, "-m", "celery", "-A", "worker.app", "worker", "-Q", get_settings().broker.training_queue,
+                   "-c", "1", "--loglevel", "INFO", "-n", "local-trainer@%h"]
+    commands = {"worker": worker_cmd, "trainer": trainer_cmd}  # supervised: restarted whenever they die
+    procs = {"api": start("api", api_cmd, env)} | {name: start(name, cmd, env) for name, cmd in commands.items()}
     wait_ready(port, procs["api"])
     print(curl_example(port), flush=True)
 
@@ -125,11 +129,12 @@ def main() -> int:
         if procs["api"].poll() is not None:
             print(f"the API exited with {procs['api'].returncode}; stopping", file=sys.stderr)
             break
-        if procs["worker"].poll() is not None:
-            restarts += 1
-            print(f"the worker exited with {procs['worker'].returncode}; restarting it (restart {restarts})",
-                  file=sys.stderr, flush=True)
-            procs["worker"] = start("worker", worker_cmd, env)
+        for name, cmd in commands.items():
+            if procs[name].poll() is not None:
+                restarts += 1
+                print(f"the {name} exited with {procs[name].returncode}; restarting it (restart {restarts})",
+                      file=sys.stderr, flush=True)
+                procs[name] = start(name, cmd, env)
     for proc in procs.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

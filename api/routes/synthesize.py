@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
 from api.auth import require
+from api.core import registry
 from api.core.models import ApiKey, Job, Role, new_id
 from api.core.queue import publish_synthesis
 from api.core.serving import ModelUnavailable, serving_modalities
@@ -209,8 +210,9 @@ async def synthesize(request: Request, response: Response, session: SessionDep, 
                      key: ApiKey = require(Role.integrator),
                      idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobAccepted:
     """Submit a study: one NIfTI per available modality and/or DICOM series; answers 202 with the job's Location."""
+    served = registry.serving(session)  # the promoted version; before any registration, the configured checkpoint
     try:
-        modalities = serving_modalities()
+        modalities = tuple(served.modalities) if served is not None and served.modalities else serving_modalities()
     except ModelUnavailable as exc:
         raise unavailable("model_unavailable", str(exc)) from exc
     settings = get_settings()
