@@ -145,7 +145,7 @@ def test_idempotent_replay(app_client, stack, study, tmp_path):
 @pytest.mark.parametrize(("fields", "code"), [
     ({"targets": "dwi"}, "unknown_target"),
     ({"targets": "t1"}, "target_supplied"),
-    ({"formats": "dicom"}, "unsupported_format"),
+    ({"formats": "analyze"}, "unsupported_format"),
     ({"steps": "0"}, "invalid_option"),
     ({"steps": "ten"}, "invalid_option"),
     ({"samples": "999"}, "invalid_option"),
