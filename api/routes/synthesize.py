@@ -8,6 +8,7 @@ import logging
 import secrets
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
@@ -24,7 +25,7 @@ from api.core.storage import Storage
 from api.deps import SessionDep, StorageDep
 from api.errors import ProblemError, unavailable
 from api.schemas import PROBLEM_RESPONSES, JobAccepted, Problem
-from api.uploads import hash_upload, inspect_nifti_header
+from api.uploads import hash_upload, inspect_nifti
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["synthesis"])
@@ -123,10 +124,12 @@ def _existing(session: Session, key: ApiKey, idempotency_key: str, request_hash:
 def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str, UploadFile],
                req: dict[str, Any], idempotency_key: str | None) -> Job:
     """Check and store the inputs, commit the job row, then publish its task (blocking; runs in a thread)."""
-    max_voxels = get_settings().api.max_volume_voxels
-    shapes = {m: inspect_nifti_header(m, files[m].file, max_voxels=max_voxels) for m in req["inputs"]}
-    if len(set(shapes.values())) > 1:
-        raise ProblemError(422, "grid_mismatch", "the inputs are not on one grid: "
+    headers = {m: inspect_nifti(m, files[m].file) for m in req["inputs"]}
+    shapes = {m: h.shape for m, h in headers.items()}
+    first = headers[req["inputs"][0]]
+    if len(set(shapes.values())) > 1 or not all(np.allclose(h.affine, first.affine, atol=1e-3)
+                                                for h in headers.values()):
+        raise ProblemError(422, "grid_mismatch", "the inputs are not on one voxel grid (shape and affine): "
                            + ", ".join(f"{m} {s}" for m, s in shapes.items()))
     hashed = {m: hash_upload(files[m].file) for m in req["inputs"]}  # so a replay is answered before storing
     request_hash = hashlib.sha256(json.dumps(

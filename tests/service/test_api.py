@@ -168,7 +168,7 @@ def test_bad_files(app_client, stack, study, tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.float32), np.eye(4)), four_d)
     assert_problem(post(files=[("t1", ("4d.nii.gz", four_d.read_bytes()))]), 422, "not_3d")
     other_grid = tmp_path / "other.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros((20, 24, 12), np.float32), np.eye(4)), other_grid)
+    nib.save(nib.Nifti1Image(np.ones((20, 24, 12), np.float32), np.eye(4)), other_grid)
     assert_problem(post(files=[("t1", ("a", study["t1"].read_bytes())), ("t2", ("b", other_grid.read_bytes()))]),
                    422, "grid_mismatch")
     # nothing half-made: no job rows, no stored objects
