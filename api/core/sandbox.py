@@ -8,6 +8,7 @@ pipe; any exception it raises comes back as :class:`SandboxError` with a stable 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import resource
@@ -40,6 +41,7 @@ def _child(fn: Callable[..., Any], args: tuple[Any, ...], write_fd: int, memory_
     """In the child: cap memory above what the fork inherited, cap CPU, run, report, exit without cleanup."""
     status = 0
     try:
+        faulthandler.disable()  # a crash here is reported by the parent, not dumped by the child
         with open("/proc/self/statm") as f:
             inherited = int(f.read().split()[0]) * PAGE
         resource.setrlimit(resource.RLIMIT_AS, (inherited + memory_bytes, inherited + memory_bytes))
