@@ -10,7 +10,7 @@ from api import errors
 from api.core.settings import get_settings
 from api.limits import BodySizeLimit
 from api.metrics import MetricsMiddleware
-from api.routes import health, jobs, synthesize
+from api.routes import audit, health, jobs, synthesize
 
 DESCRIPTION = """
 Fills in a missing brain MRI sequence (T1, T2, T1CE or FLAIR) with MSG-LDM, a multiscale structure-guided
@@ -31,11 +31,13 @@ def create_app() -> FastAPI:
     app = FastAPI(title="MSG-LDM synthesis service", version="0.1.0", description=DESCRIPTION,
                   openapi_tags=[{"name": "synthesis", "description": "submit a study"},
                                 {"name": "jobs", "description": "follow jobs and fetch results"},
-                                {"name": "health", "description": "probes and metrics"}])
+                                {"name": "health", "description": "probes and metrics"},
+                                {"name": "admin", "description": "administration: the audit log (admins only)"}])
     errors.install(app)
     app.include_router(synthesize.router)
     app.include_router(jobs.router)
     app.include_router(health.router)
+    app.include_router(audit.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)
     return app

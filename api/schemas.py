@@ -94,3 +94,25 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     403: {"model": Problem, "description": "the key's role may not do this"},
     503: {"model": Problem, "description": "a dependency is down; retry after Retry-After seconds"},
 }
+
+
+class AuditEventPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": 42, "at": "2026-11-22T09:14:03.120Z", "actor_key_id": "0b7c5d1e-6a43-4e0e-9d4b-3f2a9c1b7d4e",
+        "actor_role": "integrator", "action": "job.submit", "target_type": "job",
+        "target_id": JOB_EXAMPLE["id"], "detail": {"inputs": ["t1", "t1ce", "t2"], "targets": ["flair"]}}]})
+
+    id: int
+    at: datetime
+    actor_key_id: str | None = Field(description="the API key that acted; null for an operator at the CLI")
+    actor_role: str
+    action: str = Field(description="job.submit, job.view, result.download, job.cancel, job.retry, key.create, "
+                                    "key.revoke, ...")
+    target_type: str
+    target_id: str | None
+    detail: dict[str, Any] | None
+
+
+class AuditList(BaseModel):
+    items: list[AuditEventPublic]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next (older) page; null on the last")

@@ -16,7 +16,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
+from api import ratelimit
 from api.auth import require
+from api.core import audit
 from api.core.models import ApiKey, Job, Role, new_id
 from api.core.queue import publish_synthesis
 from api.core.serving import ModelUnavailable, serving_modalities
@@ -136,6 +138,7 @@ def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str,
         {"inputs": {m: sha for m, (sha, _) in hashed.items()}, **{k: v for k, v in req.items() if k != "inputs"}},
         sort_keys=True).encode()).hexdigest()
     if idempotency_key and (job := _existing(session, key, idempotency_key, request_hash)):
+        audit.record(session, key, "job.submit", "job", job.id, {"replay": True})
         return job
 
     job_id = new_id()
@@ -174,6 +177,7 @@ def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str,
         storage.delete_prefix(f"jobs/{job_id}/")
         raise
     log.info("job %s queued: inputs=%s targets=%s", job.id, req["inputs"], req["targets"])
+    audit.record(session, key, "job.submit", "job", job.id, {"inputs": req["inputs"], "targets": req["targets"]})
     return job
 
 
@@ -190,6 +194,7 @@ async def synthesize(request: Request, response: Response, session: SessionDep, 
         modalities = serving_modalities()
     except ModelUnavailable as exc:
         raise unavailable("model_unavailable", str(exc)) from exc
+    await run_in_threadpool(ratelimit.admit_submission, session, key)
     form = await request.form(max_files=len(modalities) + 1, max_fields=len(OPTIONS) + 1)
     try:
         files: dict[str, UploadFile] = {}
