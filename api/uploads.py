@@ -34,13 +34,16 @@ class VolumeHeader:
 
 
 def _read_header(head: bytes) -> nib.Nifti1Header:
+    """The fixed-size header only (extensions are skipped, never parsed); sizeof_hdr picks NIfTI-1 or -2 as
+    nibabel.load does, so that what passes here is what the worker's reader reads."""
+    sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
     for klass, size in ((nib.Nifti1Header, 348), (nib.Nifti2Header, 540)):
-        if len(head) < size:
+        if size not in sizes or len(head) < size:
             continue
-        try:  # the fixed-size header only; extensions are skipped, never parsed
+        try:
             return klass(binaryblock=head[:size], check=True)
         except Exception:  # noqa: BLE001 - nibabel raises several types for a bad header
-            continue
+            break
     raise Rejected("invalid_nifti", "not a NIfTI-1 or NIfTI-2 file")
 
 
@@ -88,14 +91,15 @@ def _scan(f: BinaryIO, max_voxels: int) -> dict:
         expected = voxels * dtype.itemsize
         block = head[offset:offset + expected]  # voxel bytes that were read with the header, if any
         seen, useful, carry = len(block), 0, b""
-        while block:
+        while True:
             block = carry + block
             usable = len(block) - len(block) % dtype.itemsize
             carry = block[usable:]
-            if not useful:
+            if not useful and usable:
                 values = np.frombuffer(block[:usable], dtype=dtype)
                 useful = int(np.count_nonzero(np.isfinite(values) & (values != 0)))
-            block = stream.read(min(BLOCK, expected - seen)) if seen < expected else b""
+            if seen >= expected or not (block := stream.read(min(BLOCK, expected - seen))):
+                break
             seen += len(block)
         if read < offset or seen < expected:
             raise Rejected("truncated_file", f"the file ends after {seen} of the {expected} voxel bytes its header "

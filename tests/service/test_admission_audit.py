@@ -14,13 +14,6 @@ from tests.service.conftest import clear_caches, free_port, migrate_in_process, 
 from tests.service.test_api import assert_problem, auth, create_key, upload
 
 
-@pytest.fixture
-def study(tmp_path):
-    from tests.service.test_api import study as make_study
-
-    return make_study.__wrapped__(tmp_path)
-
-
 def _fresh_window(margin: float = 8.0) -> None:
     """Rate windows are whole minutes: start a counting test where the minute has room left."""
     left = 60 - time.time() % 60

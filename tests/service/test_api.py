@@ -13,19 +13,6 @@ from tests.service.conftest import migrate_in_process, run_cli
 PROBLEM = "application/problem+json"
 
 
-@pytest.fixture
-def study(tmp_path: Path) -> dict[str, Path]:
-    """Three small co-registered volumes (fast to upload; the API only reads headers)."""
-    rng = np.random.default_rng(0)
-    affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    files = {}
-    for m in ("t1", "t1ce", "t2"):
-        path = tmp_path / f"{m}.nii.gz"
-        nib.save(nib.Nifti1Image(rng.random((24, 24, 12)).astype(np.float32), affine), path)
-        files[m] = path
-    return files
-
-
 def create_key(_stack, role: str) -> str:
     """A key made in-process (the CLI itself is exercised in test_roles)."""
     from api.auth import create_key as make_key

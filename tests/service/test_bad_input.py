@@ -85,6 +85,8 @@ def catalogue() -> dict[str, tuple[list, dict, int, str]]:
                               422, "grid_mismatch"),
         "other shape": ([("t1", ("t1.nii.gz", good)), ("t2", ("t2.nii.gz", nifti(np.ones((16, 16, 9), "f4"))))],
                         {}, 422, "grid_mismatch"),
+        "valid file with a header extension (accepted)": ([("t1", ("t1.nii", with_extension()))], {"targets": "t2"},
+                                                          202, ""),
         "unknown modality field": ([("dwi", ("dwi.nii.gz", good))], {}, 422, "unknown_modality"),
         "unknown target": ([("t1", ("t1.nii.gz", good))], {"targets": "pet"}, 422, "unknown_target"),
         "unknown form field": ([("t1", ("t1.nii.gz", good))], {"patient_name": "x"}, 422, "unknown_field"),
@@ -99,6 +101,10 @@ def test_catalogue(app_client, stack):
     for name, (files, fields, status, code) in catalogue().items():
         r = app_client.post("/api/v1/synthesize", headers=auth(key), files=files, data=fields)
         assert r.status_code == status, f"{name}: {r.text}"
+        if status == 202:
+            accepted = r.json()["id"]
+            assert app_client.post(f"/api/v1/jobs/{accepted}/cancel", headers=auth(key)).status_code == 200
+            continue
         assert_problem(r, status, code)
         assert code in codes, f"{name}: {code} is not in docs/errors.md"
     # the valid file of the catalogue is accepted, so the refusals above were about the defects
@@ -107,8 +113,8 @@ def test_catalogue(app_client, stack):
     from api.core.storage import get_storage
 
     jobs = app_client.get("/api/v1/jobs", headers=auth(key)).json()["items"]
-    assert [j["id"] for j in jobs] == [ok.json()["id"]]
-    assert {k.split("/")[1] for k in get_storage().list_keys("jobs/")} == {ok.json()["id"]}
+    assert [j["id"] for j in jobs] == [ok.json()["id"], accepted]
+    assert {k.split("/")[1] for k in get_storage().list_keys("jobs/")} == {ok.json()["id"], accepted}
 
 
 def test_oversized_chunked_upload_is_413_while_streaming(stack, monkeypatch):
@@ -193,15 +199,22 @@ def test_sandbox_passes_results_and_verdicts():
 
 # --- property test ------------------------------------------------------------------------------------------
 
-VALID = {1: nifti(volume(), gz=False), 2: nifti(volume(), gz=False, klass=nib.Nifti2Image)}
+def with_extension() -> bytes:
+    """A NIfTI-1 with a 4 kB header extension: its voxels start well after the first 540 bytes."""
+    img = nib.Nifti1Image(volume(), np.eye(4))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"x" * 4000))
+    return img.to_bytes()
+
+
+VALID = {1: nifti(volume(), gz=False), 2: nifti(volume(), gz=False, klass=nib.Nifti2Image), 3: with_extension()}
 INT_FIELDS = ["dim", "datatype", "bitpix", "vox_offset", "sizeof_hdr", "qform_code", "sform_code", "scl_slope"]
 
 
 @st.composite
 def mutated(draw) -> bytes:
-    version = draw(st.sampled_from([1, 2]))
+    version = draw(st.sampled_from([1, 2, 3]))
     data = bytearray(VALID[version])
-    header = (nib.Nifti1Header if version == 1 else nib.Nifti2Header)(bytes(data[: 348 if version == 1 else 540]))
+    header = (nib.Nifti2Header(bytes(data[:540])) if version == 2 else nib.Nifti1Header(bytes(data[:348])))
     how = draw(st.sampled_from(["bytes", "field", "truncate"]))
     if how == "bytes":  # overwrite a few header bytes with anything
         for _ in range(draw(st.integers(1, 8))):
@@ -241,7 +254,7 @@ def test_mutated_headers_give_only_documented_errors(blob: bytes):
         assert exc.status == 422 and exc.code in DOCUMENTED, exc.code
         return
     raw = gzip.decompress(blob) if blob[:2] == b"\x1f\x8b" else blob
-    klass = nib.Nifti2Image if int.from_bytes(raw[:4], "little") == 540 or raw[:4] == b"\0\0\x02\x1c" \
+    klass = nib.Nifti2Image if 540 in (int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")) \
         else nib.Nifti1Image
     data = np.asarray(klass.from_bytes(raw).dataobj)  # what the API accepts, the worker's reader can read
     assert data.shape[:3] == tuple(head.shape)
