@@ -92,6 +92,7 @@ class Problem(BaseModel):
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "missing, invalid or expired API key"},
     403: {"model": Problem, "description": "the key's role may not do this"},
+    429: {"model": Problem, "description": "rate limit or active-job limit of this key; retry after Retry-After"},
     503: {"model": Problem, "description": "a dependency is down; retry after Retry-After seconds"},
 }
 

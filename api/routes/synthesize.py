@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import ratelimit
 from api.auth import require
@@ -183,7 +184,9 @@ def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str,
 
 @router.post(
     "/synthesize", status_code=202, response_model=JobAccepted, openapi_extra={"requestBody": REQUEST_BODY},
-    responses={**PROBLEM_RESPONSES, 413: {"model": Problem, "description": "upload too large"},
+    responses={**PROBLEM_RESPONSES, 400: {"model": Problem, "description": "the multipart body is malformed or has "
+                                                                        "too many parts"},
+               413: {"model": Problem, "description": "upload too large"},
                422: {"model": Problem, "description": "invalid study or options; `code` says which"}},
 )
 async def synthesize(request: Request, response: Response, session: SessionDep, storage: StorageDep,
@@ -195,7 +198,10 @@ async def synthesize(request: Request, response: Response, session: SessionDep, 
     except ModelUnavailable as exc:
         raise unavailable("model_unavailable", str(exc)) from exc
     await run_in_threadpool(ratelimit.admit_submission, session, key)
-    form = await request.form(max_files=len(modalities) + 1, max_fields=len(OPTIONS) + 1)
+    try:
+        form = await request.form(max_files=len(modalities) + 1, max_fields=len(OPTIONS) + 1)
+    except StarletteHTTPException as exc:  # a malformed body, too many parts: Starlette's 400, with our code
+        raise ProblemError(400, "invalid_multipart", str(exc.detail)) from None
     try:
         files: dict[str, UploadFile] = {}
         fields: dict[str, str] = {}
