@@ -266,7 +266,7 @@ def test_worker_frozen_past_its_lease(faults, monkeypatch):
     faults.start_worker("worker-b")
     try:
         with faults.client() as client:
-            job_id = faults.submit(client, steps=400)
+            job_id = faults.submit(client, steps=60)
             faults.wait(client, job_id, until=("denoise",), field="phase")
             frozen = _owner(_worker_pid(job_id, faults, monkeypatch), faults)
             faults.signal_worker(frozen, signal.SIGSTOP)
