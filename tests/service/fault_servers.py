@@ -17,6 +17,26 @@ from pathlib import Path
 from tests.service.conftest import free_port
 
 
+def pg_bin(name: str) -> str | None:
+    """A PostgreSQL server binary: on PATH, or where Debian installs it (/usr/lib/postgresql/<major>/bin)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
+    return str(candidates[-1]) if candidates else None
+
+
+def servers_missing() -> str | None:
+    """Why the private servers cannot run here, or None."""
+    if shutil.which("redis-server") is None:
+        return "redis-server is not installed"
+    if pg_bin("initdb") is None or pg_bin("pg_ctl") is None:
+        return "PostgreSQL server binaries (initdb, pg_ctl) are not installed"
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        return "running as root without runuser (initdb refuses root)"
+    return None
+
+
 def _wait(check, what: str, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not check():
@@ -65,9 +85,9 @@ class PgCluster:
     dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="msgldm-pg-")))
     port: int = field(default_factory=free_port)
 
-    def _run(self, *args: str) -> None:
+    def _run(self, binary: str, *args: str) -> None:
         prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        subprocess.run([*prefix, *args], check=True, capture_output=True, timeout=120)
+        subprocess.run([*prefix, pg_bin(binary) or binary, *args], check=True, capture_output=True, timeout=120)
 
     @property
     def url(self) -> str:

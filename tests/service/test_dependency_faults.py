@@ -22,7 +22,6 @@ import httpx
 import pytest
 
 from tests.service.conftest import (
-    _pg_available,
     brats_files,
     free_port,
     run_cli,
@@ -30,7 +29,7 @@ from tests.service.conftest import (
     stop_process,
     worker_args,
 )
-from tests.service.fault_servers import PgCluster, RedisServer, S3Server, check_invariants
+from tests.service.fault_servers import PgCluster, RedisServer, S3Server, check_invariants, servers_missing
 
 pytestmark = pytest.mark.slow
 LEASE = 6
@@ -98,8 +97,8 @@ def _study() -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory, checkpoint) -> Iterator[Faults]:
-    if not _pg_available():  # the binaries come with the shared servers' installation
-        pytest.skip("PostgreSQL and Redis are not installed here")
+    if reason := servers_missing():
+        pytest.skip(reason)
     study = _study()
     tmp = tmp_path_factory.mktemp("faults")
     redis, pg, s3 = RedisServer(tmp), PgCluster(), S3Server()
