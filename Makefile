@@ -19,10 +19,12 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check api worker model ops tests
+	$(VENV)/bin/bandit -q -c pyproject.toml -r api worker model ops
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check api worker model ops tests
+	$(VENV)/bin/bandit -q -c pyproject.toml -r api worker model ops
 	$(VENV)/bin/mypy
 
 clean:

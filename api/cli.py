@@ -10,6 +10,7 @@ from pathlib import Path
 from sqlalchemy import or_, select
 
 from api.auth import create_key
+from api.core import audit
 from api.core.db import session_scope
 from api.core.models import ApiKey, Role, utcnow
 
@@ -32,6 +33,7 @@ def keys_create(args: argparse.Namespace) -> int:
     expires = utcnow() + timedelta(days=args.days) if args.days else None
     with session_scope() as session:
         row, plain = create_key(session, name=args.name, role=Role(args.role), expires_at=expires)
+        audit.record(session, None, "key.create", "api_key", row.id, {"role": row.role, "days": args.days or None})
         print(f"created key {row.id} ({row.role}, {row.name}); store it now, it is not shown again:")
         print(plain)
     return 0
@@ -54,6 +56,7 @@ def keys_revoke(args: argparse.Namespace) -> int:
             print(f"no single key matches {args.key!r} (give its id or its prefix)", file=sys.stderr)
             return 1
         rows[0].revoked_at = utcnow()
+        audit.record(session, None, "key.revoke", "api_key", rows[0].id)
         print(f"revoked {rows[0].id} ({rows[0].name})")
     return 0
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from api import errors
 from api.core.settings import get_settings
 from api.limits import BodySizeLimit
 from api.metrics import MetricsMiddleware
-from api.routes import admin, health, jobs, models, synthesize
+from api.routes import admin, audit, health, jobs, models, synthesize
+from api.schemas import Problem
 
 DESCRIPTION = """
 Fills in a missing brain MRI sequence (T1, T2, T1CE or FLAIR) with MSG-LDM, a multiscale structure-guided
@@ -32,7 +35,8 @@ def create_app() -> FastAPI:
                   openapi_tags=[{"name": "synthesis", "description": "submit a study"},
                                 {"name": "jobs", "description": "follow jobs and fetch results"},
                                 {"name": "models", "description": "model versions and the serving one"},
-                                {"name": "admin", "description": "training runs, datasets, promotion, rollback"},
+                                {"name": "admin",
+                                 "description": "training runs, datasets, promotion, rollback, the audit log"},
                                 {"name": "health", "description": "probes and metrics"}])
     errors.install(app)
     app.include_router(synthesize.router)
@@ -40,9 +44,32 @@ def create_app() -> FastAPI:
     app.include_router(models.router)
     app.include_router(admin.router)
     app.include_router(health.router)
+    app.include_router(audit.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)
+    app.openapi = lambda: _problem_openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _problem_openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated schema, with every error response documented as it is sent: application/problem+json
+    with the Problem schema (FastAPI would document application/json and, for 422, its own validation body)."""
+    if app.openapi_schema is None:
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
+                           tags=app.openapi_tags)
+        spec.setdefault("components", {}).setdefault("schemas", {})["Problem"] = Problem.model_json_schema(
+            ref_template="#/components/schemas/{model}")
+        problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for operations in spec["paths"].values():
+            for operation in operations.values():
+                for status, response in operation.get("responses", {}).items():
+                    schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+                    if status[:1] in "45" and schema.get("$ref", "").endswith(("/Problem", "/HTTPValidationError")):
+                        response["content"] = problem
+        for unused in ("HTTPValidationError", "ValidationError"):
+            spec["components"]["schemas"].pop(unused, None)
+        app.openapi_schema = spec
+    return app.openapi_schema
 
 
 app = create_app()

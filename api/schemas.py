@@ -94,6 +94,7 @@ class Problem(BaseModel):
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "missing, invalid or expired API key"},
     403: {"model": Problem, "description": "the key's role may not do this"},
+    429: {"model": Problem, "description": "rate limit or active-job limit of this key; retry after Retry-After"},
     503: {"model": Problem, "description": "a dependency is down; retry after Retry-After seconds"},
 }
 
@@ -219,3 +220,25 @@ class PromoteRequest(BaseModel):
 
     force: bool = Field(False, description="serve it even though it does not beat the baselines (audited)")
     reason: str | None = Field(None, max_length=2000)
+
+
+class AuditEventPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": 42, "at": "2026-11-22T09:14:03.120Z", "actor_key_id": "0b7c5d1e-6a43-4e0e-9d4b-3f2a9c1b7d4e",
+        "actor_role": "integrator", "action": "job.submit", "target_type": "job",
+        "target_id": JOB_EXAMPLE["id"], "detail": {"inputs": ["t1", "t1ce", "t2"], "targets": ["flair"]}}]})
+
+    id: int
+    at: datetime
+    actor_key_id: str | None = Field(description="the API key that acted; null for an operator at the CLI")
+    actor_role: str
+    action: str = Field(description="job.submit, job.view, result.download, job.cancel, job.retry, key.create, "
+                                    "key.revoke, ...")
+    target_type: str
+    target_id: str | None
+    detail: dict[str, Any] | None
+
+
+class AuditList(BaseModel):
+    items: list[AuditEventPublic]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next (older) page; null on the last")

@@ -1,4 +1,11 @@
-"""Uploaded files: checked from the header (before any voxel is read), hashed, streamed to storage."""
+"""Uploaded files: checked in a resource-limited child (header first, then one bounded pass over the voxels),
+hashed, streamed to storage.
+
+The check refuses, with the codes of docs/errors.md: files that are not NIfTI-1/2, headers that are not 3D or
+claim more voxels than allowed (before anything is allocated), data types the model cannot read, truncated
+files, gzip streams that inflate past what the header declares (gzip bombs), and volumes without a single finite
+non-zero voxel (NaN-filled, empty). It never holds more than one block of voxels in memory.
+"""
 
 from __future__ import annotations
 
@@ -11,68 +18,114 @@ from typing import BinaryIO
 import nibabel as nib
 import numpy as np
 
+from api.core.sandbox import Rejected, SandboxError, run_limited
+from api.core.settings import get_settings
 from api.errors import ProblemError
 
 GZIP_MAGIC = b"\x1f\x8b"
+BLOCK = 1024 * 1024
+MAX_VOX_OFFSET = 16 * 1024 * 1024  # header extensions beyond this are not a brain MRI's
 
 
 @dataclass(frozen=True)
-class StoredInput:
-    key: str
-    sha256: str
-    bytes: int
+class VolumeHeader:
     shape: tuple[int, ...]
+    affine: np.ndarray
 
 
-def _invalid(field: str, detail: str, code: str = "invalid_nifti") -> ProblemError:
-    return ProblemError(422, code, f"{field}: {detail}", field=field)
-
-
-def inspect_nifti_header(field: str, f: BinaryIO, *, max_voxels: int) -> tuple[tuple[int, ...], np.ndarray]:
-    """Read only the NIfTI-1/2 header (through gzip when compressed) and refuse what the worker cannot use;
-    returns the shape and the affine."""
-    f.seek(0)
-    magic = f.read(2)
-    f.seek(0)
-    if not magic:
-        raise _invalid(field, "the file is empty", "empty_file")
-    stream: BinaryIO = gzip.GzipFile(fileobj=f, mode="rb") if magic == GZIP_MAGIC else f  # type: ignore[assignment]
-    try:
-        head = stream.read(540)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise _invalid(field, f"the gzip stream is corrupt ({type(exc).__name__})") from exc
-    finally:
-        f.seek(0)
-    header = None
+def _read_header(head: bytes) -> nib.Nifti1Header:
+    """The fixed-size header only (extensions are skipped, never parsed); sizeof_hdr picks NIfTI-1 or -2 as
+    nibabel.load does, so that what passes here is what the worker's reader reads."""
+    sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
     for klass, size in ((nib.Nifti1Header, 348), (nib.Nifti2Header, 540)):
-        if len(head) < size:
+        if size not in sizes or len(head) < size:
             continue
-        try:  # the fixed-size header only: extensions and voxels are the worker's business
-            header = klass(binaryblock=head[:size], check=True)
-            break
+        try:
+            return klass(binaryblock=head[:size], check=True)
         except Exception:  # noqa: BLE001 - nibabel raises several types for a bad header
-            continue
-    if header is None:
-        raise _invalid(field, "not a NIfTI-1 or NIfTI-2 file")
+            break
+    raise Rejected("invalid_nifti", "not a NIfTI-1 or NIfTI-2 file")
+
+
+def _check_header(header: nib.Nifti1Header, max_voxels: int) -> tuple[tuple[int, ...], np.dtype, int, int]:
     shape = tuple(int(d) for d in header.get_data_shape())
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
-        raise _invalid(field, f"a 3D volume is needed, the header says shape {shape}", "not_3d")
-    if min(shape) < 1 or int(np.prod(shape, dtype=np.int64)) > max_voxels:
-        raise _invalid(field, f"shape {shape} is outside the accepted size (at most {max_voxels} voxels)",
-                       "volume_too_large")
+        raise Rejected("not_3d", f"a 3D volume is needed, the header says shape {shape}")
+    voxels = shape[0] * shape[1] * shape[2]  # Python ints: NIfTI-2 dims cannot overflow
+    if min(shape) < 1 or voxels > max_voxels:
+        raise Rejected("volume_too_large", f"shape {shape} is outside the accepted size (at most {max_voxels} voxels)")
     try:
         dtype = header.get_data_dtype()
     except Exception:  # noqa: BLE001 - an unknown datatype code
-        dtype = None
-    if dtype is None or dtype.kind not in "iuf" or dtype.fields is not None:
-        raise _invalid(field, f"voxel datatype {dtype} is not supported (integer or float scalars only)",
-                       "unsupported_datatype")
+        dtype = np.dtype("V1")
+    if dtype.kind not in "uif" or dtype.fields:
+        raise Rejected("unsupported_datatype", f"voxel type {dtype} is not supported (integers or floats only)")
+    offset = int(header.get_data_offset())
+    if not 0 <= offset <= MAX_VOX_OFFSET:
+        raise Rejected("invalid_nifti", f"the voxel data offset {offset} is out of range")
     affine = header.get_best_affine()
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise _invalid(field, "the affine is not finite and invertible", "invalid_affine")
-    return shape, affine
+        raise Rejected("invalid_affine", "the affine is not finite and invertible")
+    return shape, dtype, offset, voxels
+
+
+def _scan(f: BinaryIO, max_voxels: int) -> dict:
+    """The sandboxed check of one file: returns {shape, affine} or raises Rejected."""
+    f.seek(0)
+    magic = f.read(2)
+    f.seek(0)
+    if not magic:
+        raise Rejected("empty_file", "the file is empty")
+    stream: BinaryIO = gzip.GzipFile(fileobj=f, mode="rb") if magic == GZIP_MAGIC else f  # type: ignore[assignment]
+    try:
+        head = stream.read(540)
+        header = _read_header(head)
+        shape, dtype, offset, voxels = _check_header(header, max_voxels)
+        read = len(head)
+        while read < offset:  # skip extensions
+            skipped = len(stream.read(min(BLOCK, offset - read)))
+            if not skipped:
+                break
+            read += skipped
+        expected = voxels * dtype.itemsize
+        block = head[offset:offset + expected]  # voxel bytes that were read with the header, if any
+        seen, useful, carry = len(block), 0, b""
+        while True:
+            block = carry + block
+            usable = len(block) - len(block) % dtype.itemsize
+            carry = block[usable:]
+            if not useful and usable:
+                values = np.frombuffer(block[:usable], dtype=dtype)
+                useful = int(np.count_nonzero(np.isfinite(values) & (values != 0)))
+            if seen >= expected or not (block := stream.read(min(BLOCK, expected - seen))):
+                break
+            seen += len(block)
+        if read < offset or seen < expected:
+            raise Rejected("truncated_file", f"the file ends after {seen} of the {expected} voxel bytes its header "
+                                             f"declares")
+        if len(stream.read(BLOCK + 1)) > BLOCK:  # a little padding is tolerated, an inflating stream is not
+            raise Rejected("decompressed_too_large", "the file holds far more data than its header declares "
+                                                     "(a decompression bomb?)")
+    except (OSError, EOFError, zlib.error) as exc:
+        raise Rejected("invalid_nifti", f"the gzip stream is corrupt ({type(exc).__name__})") from exc
+    if not useful:
+        raise Rejected("empty_volume", "the volume has no finite non-zero voxel (all NaN, Inf or 0)")
+    return {"shape": list(shape), "affine": np.asarray(header.get_best_affine(), dtype=float).tolist()}
+
+
+def inspect_nifti(field: str, f: BinaryIO) -> VolumeHeader:
+    """Check one uploaded NIfTI in the sandbox; a refusal is a 422 problem naming ``field``."""
+    api = get_settings().api
+    try:
+        out = run_limited(_scan, f, api.max_volume_voxels, memory_bytes=api.parse_memory_bytes,
+                          cpu_seconds=api.parse_cpu_seconds, timeout=api.parse_timeout_seconds)
+    except (Rejected, SandboxError) as exc:
+        raise ProblemError(getattr(exc, "status", 422), exc.code, f"{field}: {exc.detail}", field=field) from None
+    finally:
+        f.seek(0)
+    return VolumeHeader(shape=tuple(out["shape"]), affine=np.asarray(out["affine"]))
 
 
 def check_same_space(grids: dict[str, tuple[tuple[int, ...], np.ndarray]], min_overlap: float = 0.5) -> None:

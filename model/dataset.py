@@ -60,7 +60,8 @@ class SliceDataset(Dataset):
         self.has_seg = torch.from_numpy(np.concatenate(has_seg))
         self.origin = origin  # (case id, canonical slice index) per item
         self.case_ids = [c.id for c in cases]
-        assert self.x.shape[1] == m
+        if self.x.shape[1] != m:
+            raise ValueError(f"expected {m} modality channels, the slices have {self.x.shape[1]}")
 
     def __len__(self) -> int:
         return self.x.shape[0]

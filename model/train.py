@@ -147,7 +147,8 @@ def _stage_path(run: Run, stage: int) -> Path:
 
 def _load_stage(run: Run, stage: int) -> dict | None:
     p = _stage_path(run, stage)
-    return torch.load(p, map_location="cpu", weights_only=False) if p.is_file() else None
+    # our own resume state (optimizer, RNG), written by this trainer into its run directory; never uploaded data
+    return torch.load(p, map_location="cpu", weights_only=False) if p.is_file() else None  # nosec B614
 
 
 def _save_stage(run: Run, stage: int, state: dict) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
+import subprocess  # nosec B404
 import sys
 import time
 from pathlib import Path
@@ -82,7 +82,7 @@ def wait_ready(port: int, api: subprocess.Popen[bytes], timeout: float = 180) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and api.poll() is None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=3) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=3) as r:  # nosec B310
                 if json.load(r).get("ready"):
                     return
         except (urllib.error.URLError, OSError, ValueError):
@@ -93,7 +93,7 @@ def wait_ready(port: int, api: subprocess.Popen[bytes], timeout: float = 180) ->
 
 def start(name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     print(f"starting {name}: {' '.join(args)}", flush=True)
-    return subprocess.Popen(args, cwd=ROOT, env=env)
+    return subprocess.Popen(args, cwd=ROOT, env=env)  # nosec B603
 
 
 def main() -> int:

@@ -135,6 +135,8 @@ def reap() -> None:
         stale = jobs.stale_queued(session, older_than=timedelta(seconds=settings.broker.visibility_timeout))
     for job_id in requeued + stale:
         publish_synthesis(job_id)
+    for job_id in failed:  # failed or cancelled for good: partial results of dead attempts go
+        get_storage().delete_prefix(f"jobs/{job_id}/attempt-")
     if requeued or failed or stale:
         log.warning("reaper: re-queued %s, failed %s, re-published %s", requeued, failed, stale)
     with session_scope() as session:

@@ -151,9 +151,10 @@ def run_job(job_id: str) -> str:
         log.warning("job %s: claim of attempt %d went stale; results discarded", job_id, claim.attempt)
         return "stale"
     except JobStopped:
-        get_storage().delete_prefix(f"jobs/{job_id}/attempt-{claim.attempt}/")
         with session_scope() as session:
             cancelled = jobs.mark_cancelled(session, claim)
+        # cancelled: no attempt's partial results are kept; claim lost: only ours (another attempt may win)
+        get_storage().delete_prefix(f"jobs/{job_id}/attempt-" + ("" if cancelled else f"{claim.attempt}/"))
         log.info("job %s stopped (%s)", job_id, "cancelled" if cancelled else "claim lost")
         return "cancelled" if cancelled else "stale"
     except SoftTimeLimitExceeded:
@@ -175,8 +176,8 @@ def _fail(claim: jobs.Claim, code: str, message: str, retry: bool = False) -> st
     settings = get_settings()
     retry = retry and claim.attempt < settings.jobs.max_attempts
     if not retry:
-        try:
-            get_storage().delete_prefix(f"jobs/{claim.job_id}/attempt-{claim.attempt}/")
+        try:  # every attempt's partial results: earlier attempts may have died mid-write
+            get_storage().delete_prefix(f"jobs/{claim.job_id}/attempt-")
         except StorageError:
             log.warning("could not delete the partial results of job %s", claim.job_id)
     with session_scope() as session:

@@ -92,7 +92,7 @@ def complete(session: Session, c: Claim, *, results: dict[str, str], model_versi
 def fail(session: Session, c: Claim, *, code: str, message: str, retry: bool = False) -> bool:
     """End the attempt: failed with a code, or back to queued when ``retry`` and attempts remain."""
     now = utcnow()
-    values: dict[str, Any] = {"updated_at": now, "lease_expires_at": None, "fencing_token": None}
+    values: dict[str, Any] = {"updated_at": now, "lease_expires_at": None, "fencing_token": None}  # nosec B105
     if retry:
         values |= {"status": JobStatus.queued, "phase": "queued", "error_code": code, "error_message": message}
     else:
@@ -161,7 +161,7 @@ def reap_expired(session: Session, *, max_attempts: int, now: datetime | None = 
                       "error_message": f"the worker stopped answering on each of {attempts} attempts"}
         else:
             values = {"status": JobStatus.queued, "phase": "queued"}
-        values |= {"fencing_token": None, "lease_expires_at": None, "updated_at": now}
+        values |= {"fencing_token": None, "lease_expires_at": None, "updated_at": now}  # nosec B105
         if session.execute(guard.values(**values).execution_options(synchronize_session=False)).rowcount == 1:  # type: ignore[attr-defined]
             (requeued if values["status"] == JobStatus.queued else failed).append(job_id)
     session.commit()

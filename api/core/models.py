@@ -1,4 +1,5 @@
-"""ORM: API keys, jobs, worker heartbeats, training runs, model versions. State lives here, never in Celery."""
+"""ORM: API keys, jobs, worker heartbeats, training runs, model versions, the audit log, rate-limit counters.
+State lives here, never in Celery results."""
 
 from __future__ import annotations
 
@@ -7,7 +8,19 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from api.core.db import Base
@@ -182,3 +195,29 @@ class TrainingRun(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+class AuditEvent(Base):
+    """One audited action; append-only (the migration installs triggers that refuse UPDATE and DELETE).
+
+    ``detail`` holds identifiers and counts only, never patient data (names, IDs, file names)."""
+
+    __tablename__ = "audit_event"
+    __table_args__ = (Index("ix_audit_event_target", "target_type", "target_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    actor_key_id: Mapped[str | None] = mapped_column(String(36), index=True)  # None: an operator at the CLI
+    actor_role: Mapped[str] = mapped_column(String(20))
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    target_type: Mapped[str] = mapped_column(String(32))
+    target_id: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class RateCounter(Base):
+    """Requests per bucket (a key and what it does) and fixed window; used when the broker is not Redis."""
+
+    __tablename__ = "rate_counter"
+
+    bucket: Mapped[str] = mapped_column(String(100), primary_key=True)
+    window: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # unix time // window length
+    count: Mapped[int] = mapped_column(Integer, default=0)

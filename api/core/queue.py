@@ -42,6 +42,9 @@ def make_celery(settings: Settings) -> Celery:
         task_time_limit=settings.jobs.time_limit_seconds,
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
+        # The pool child loads the model before it reports up (worker_process_init): with Celery's 4 s default
+        # a slow load (a loaded host, a large checkpoint) got every new child killed in a loop (fault tests).
+        worker_proc_alive_timeout=120,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_transport_options=transport_options,

@@ -83,6 +83,16 @@ class ApiSettings(BaseModel):
     max_upload_bytes: int = 1024 * 1024 * 1024
     max_volume_voxels: int = 512 * 512 * 512
     worker_heartbeat_seconds: float = 30.0  # /readyz wants a worker heartbeat younger than this
+    # Untrusted files are checked in a forked child (api/core/sandbox.py) with these limits.
+    parse_memory_bytes: int = 256 * 1024 * 1024  # address space the check may add to what it inherited
+    parse_cpu_seconds: int = 20
+    parse_timeout_seconds: float = 60.0
+    # Admission control: requests per key and minute (all calls / submissions; 0 turns a limit off), queued
+    # jobs in total (503 beyond) and active (queued + running) jobs per key (429 beyond).
+    rate_limit_per_minute: int = 600
+    submit_rate_limit_per_minute: int = 60
+    max_queued_jobs: int = 1000
+    max_active_jobs_per_key: int = 200
 
 
 # Series -> modality rules, tried in this order (first match wins), each a case-insensitive regular expression

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from api import datasets
 from api.auth import require
-from api.core import registry
+from api.core import audit, registry
 from api.core import training as runs
 from api.core.models import ApiKey, ModelVersion, TrainingRun
 from api.core.queue import publish_training
@@ -93,7 +93,8 @@ async def create_run(body: TrainingRunCreate, response: Response, session: Sessi
         session.delete(run)
         session.commit()
         raise
-    # audit: train
+    audit.record(session, key, "model.train", "training_run", run.id,
+                 {"preset": run.preset, "stages": params.get("stages"), "base_version": params.get("base_version")})
     response.headers["Location"] = f"/api/v1/admin/training-runs/{run.id}"
     return run_public(run)
 
@@ -137,7 +138,7 @@ def get_run(run_id: str, session: SessionDep, key: ApiKey = ADMIN) -> TrainingRu
 def cancel_run(run_id: str, session: SessionDep, key: ApiKey = ADMIN) -> TrainingRunPublic:
     """Cancel: a queued run at once; a running one's trainer process group is killed within seconds."""
     run = runs.request_cancel(session, _get_run(session, run_id))
-    # audit: cancel-run
+    audit.record(session, key, "training_run.cancel", "training_run", run.id, {"status": run.status})
     return run_public(run)
 
 
@@ -149,8 +150,9 @@ def promote(version: str, session: SessionDep, body: PromoteRequest | None = Non
     both baselines on its validation split needs ``force: true`` (409 ``below_baselines`` otherwise)."""
     body = body or PromoteRequest(force=False, reason=None)
     row = registry.promote(session, version, force=body.force, reason=body.reason)
-    # audit: promote
-    # audit: force (when row.promoted_forced: served although below the baselines)
+    audit.record(session, key, "model.promote", "model", row.version,
+                 {"forced": bool(row.promoted_forced), "previous_version": row.previous_version,
+                  "reason": body.reason})
     return version_public(row)
 
 
@@ -159,5 +161,5 @@ def promote(version: str, session: SessionDep, body: PromoteRequest | None = Non
 def rollback(version: str, session: SessionDep, key: ApiKey = ADMIN) -> ModelVersionPublic:
     """Retire the serving ``version`` and serve the one it replaced again (returned)."""
     row = registry.rollback(session, version)
-    # audit: rollback
+    audit.record(session, key, "model.rollback", "model", version, {"now_serving": row.version})
     return version_public(row)

@@ -14,6 +14,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from api.auth import KeyDep, require
+from api.core import audit
 from api.core import jobs as job_states
 from api.core.jobs import JobNotFound
 from api.core.models import ApiKey, Job, JobStatus, Role
@@ -86,7 +87,9 @@ def list_jobs(session: SessionDep, key: KeyDep,
             openapi_extra={"responses": {"200": {"content": {"application/json": {"example": JOB_EXAMPLE}}}}})
 def get_job(job_id: str, session: SessionDep, key: KeyDep) -> JobPublic:
     """A job's state, progress, queue position and result links."""
-    return to_public(session, visible_job(session, key, job_id))
+    job = visible_job(session, key, job_id)
+    audit.record(session, key, "job.view", "job", job.id)
+    return to_public(session, job)
 
 
 @router.get("/{job_id}/results/{name}", responses={
@@ -101,6 +104,7 @@ async def get_result(job_id: str, name: str, session: SessionDep, storage: Stora
         raise ProblemError(404, "result_not_found", f"job {job_id} has no result {name!r}"
                            + ("" if job.status == JobStatus.succeeded else f" (the job is {job.status})"))
     size = await run_in_threadpool(storage.size, obj_key)
+    await run_in_threadpool(audit.record, session, key, "result.download", "job", job.id, {"name": name})
     chunks = await run_in_threadpool(storage.open_stream, obj_key)
     media = next((t for suffix, t in MEDIA_TYPES.items() if name.endswith(suffix)), "application/octet-stream")
     return StreamingResponse(chunks, media_type=media, headers={
@@ -112,7 +116,9 @@ async def get_result(job_id: str, name: str, session: SessionDep, storage: Stora
 def cancel_job(job_id: str, session: SessionDep, key: ApiKey = require(Role.integrator)) -> JobPublic:
     """Cancel: a queued job at once, a running one at its next diffusion step."""
     job = visible_job(session, key, job_id)
-    return to_public(session, job_states.request_cancel(session, job))
+    job_states.request_cancel(session, job)
+    audit.record(session, key, "job.cancel", "job", job.id, {"status": job.status})
+    return to_public(session, job)
 
 
 @router.post("/{job_id}/retry", response_model=JobPublic, status_code=202, responses={
@@ -122,4 +128,5 @@ def retry_job(job_id: str, session: SessionDep, key: ApiKey = require(Role.integ
     job = visible_job(session, key, job_id)
     job_states.reset_for_retry(session, job)
     publish_synthesis(job.id)
+    audit.record(session, key, "job.retry", "job", job.id)
     return to_public(session, job)

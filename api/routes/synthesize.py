@@ -14,9 +14,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import ratelimit
 from api.auth import require
-from api.core import registry
+from api.core import audit, registry
 from api.core.models import ApiKey, Job, Role, new_id
 from api.core.queue import publish_synthesis
 from api.core.serving import ModelUnavailable, serving_modalities
@@ -26,7 +28,7 @@ from api.deps import SessionDep, StorageDep
 from api.dicom import DicomUpload, inspect_dicom_upload
 from api.errors import ProblemError, unavailable
 from api.schemas import PROBLEM_RESPONSES, JobAccepted, Problem
-from api.uploads import check_same_space, hash_upload, inspect_nifti_header
+from api.uploads import check_same_space, hash_upload, inspect_nifti
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["synthesis"])
@@ -141,16 +143,16 @@ def _existing(session: Session, key: ApiKey, idempotency_key: str, request_hash:
 def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str, UploadFile],
                req: dict[str, Any], idempotency_key: str | None, dicom: DicomUpload | None = None) -> Job:
     """Check and store the inputs, commit the job row, then publish its task (blocking; runs in a thread)."""
-    max_voxels = get_settings().api.max_volume_voxels
     nifti = [m for m in req["inputs"] if m in files]
-    grids = {m: inspect_nifti_header(m, files[m].file, max_voxels=max_voxels) for m in nifti}
-    check_same_space(grids)
+    headers = {m: inspect_nifti(m, files[m].file) for m in nifti}
+    check_same_space({m: (h.shape, h.affine) for m, h in headers.items()})
     hashed = {m: hash_upload(files[m].file) for m in nifti}  # so a replay is answered before storing
     hashed |= {m: (s.record()["sha256"], s.record()["bytes"]) for m, s in (dicom.series if dicom else {}).items()}
     request_hash = hashlib.sha256(json.dumps(
         {"inputs": {m: sha for m, (sha, _) in hashed.items()}, **{k: v for k, v in req.items() if k != "inputs"}},
         sort_keys=True).encode()).hexdigest()
     if idempotency_key and (job := _existing(session, key, idempotency_key, request_hash)):
+        audit.record(session, key, "job.submit", "job", job.id, {"replay": True})
         return job
 
     job_id = new_id()
@@ -172,7 +174,8 @@ def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str,
             obj_key = f"jobs/{job_id}/inputs/{m}{suffix}"
             sha, size = hashed[m]
             storage.put_stream(obj_key, f, size)
-            inputs[m] = {"format": "nifti", "key": obj_key, "sha256": sha, "bytes": size, "shape": list(grids[m][0])}
+            inputs[m] = {"format": "nifti", "key": obj_key, "sha256": sha, "bytes": size,
+                         "shape": list(headers[m].shape)}
         inputs = {m: inputs[m] for m in req["inputs"]}  # model order: the first is the reference
         job = Job(id=job_id, owner_id=key.id, idempotency_key=idempotency_key, request_hash=request_hash,
                   inputs=inputs, targets=req["targets"], formats=req["formats"], steps=req["steps"],
@@ -198,12 +201,15 @@ def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str,
         storage.delete_prefix(f"jobs/{job_id}/")
         raise
     log.info("job %s queued: inputs=%s targets=%s", job.id, req["inputs"], req["targets"])
+    audit.record(session, key, "job.submit", "job", job.id, {"inputs": req["inputs"], "targets": req["targets"]})
     return job
 
 
 @router.post(
     "/synthesize", status_code=202, response_model=JobAccepted, openapi_extra={"requestBody": REQUEST_BODY},
-    responses={**PROBLEM_RESPONSES, 413: {"model": Problem, "description": "upload too large"},
+    responses={**PROBLEM_RESPONSES, 400: {"model": Problem, "description": "the multipart body is malformed or has "
+                                                                        "too many parts"},
+               413: {"model": Problem, "description": "upload too large"},
                422: {"model": Problem, "description": "invalid study or options; `code` says which"}},
 )
 async def synthesize(request: Request, response: Response, session: SessionDep, storage: StorageDep,
@@ -215,9 +221,12 @@ async def synthesize(request: Request, response: Response, session: SessionDep, 
         modalities = tuple(served.modalities) if served is not None and served.modalities else serving_modalities()
     except ModelUnavailable as exc:
         raise unavailable("model_unavailable", str(exc)) from exc
+    await run_in_threadpool(ratelimit.admit_submission, session, key)
     settings = get_settings()
-    form = await request.form(max_files=settings.dicom.max_files + len(modalities),
-                              max_fields=len(OPTIONS) + 1)
+    try:
+        form = await request.form(max_files=settings.dicom.max_files + len(modalities), max_fields=len(OPTIONS) + 1)
+    except StarletteHTTPException as exc:  # a malformed body, too many parts: Starlette's 400, with our code
+        raise ProblemError(400, "invalid_multipart", str(exc.detail)) from None
     dicom: DicomUpload | None = None
     try:
         files: dict[str, UploadFile] = {}

@@ -275,3 +275,18 @@ def multipart(files: dict[str, Path], **fields: str) -> tuple[list, dict]:
     return ([(m, (p.name, p.read_bytes(), "application/gzip")) for m, p in files.items()], fields)
 
 
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> dict[str, Path]:
+    """Three small co-registered volumes (fast to upload; the API only checks them)."""
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    files = {}
+    for m in ("t1", "t1ce", "t2"):
+        path = tmp_path / f"{m}.nii.gz"
+        nib.save(nib.Nifti1Image(rng.random((24, 24, 12)).astype(np.float32), np.eye(4)), path)
+        files[m] = path
+    return files

@@ -13,19 +13,6 @@ from tests.service.conftest import migrate_in_process, run_cli
 PROBLEM = "application/problem+json"
 
 
-@pytest.fixture
-def study(tmp_path: Path) -> dict[str, Path]:
-    """Three small co-registered volumes (fast to upload; the API only reads headers)."""
-    rng = np.random.default_rng(0)
-    affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    files = {}
-    for m in ("t1", "t1ce", "t2"):
-        path = tmp_path / f"{m}.nii.gz"
-        nib.save(nib.Nifti1Image(rng.random((24, 24, 12)).astype(np.float32), affine), path)
-        files[m] = path
-    return files
-
-
 def create_key(_stack, role: str) -> str:
     """A key made in-process (the CLI itself is exercised in test_roles)."""
     from api.auth import create_key as make_key
@@ -170,7 +157,7 @@ def test_bad_files(app_client, stack, study, tmp_path):
     other_grid = tmp_path / "other.nii.gz"  # another grid is resampled by the worker, but not another space
     elsewhere = np.eye(4)
     elsewhere[:3, 3] = 400
-    nib.save(nib.Nifti1Image(np.zeros((20, 24, 12), np.float32), elsewhere), other_grid)
+    nib.save(nib.Nifti1Image(np.ones((20, 24, 12), np.float32), elsewhere), other_grid)
     assert_problem(post(files=[("t1", ("a", study["t1"].read_bytes())), ("t2", ("b", other_grid.read_bytes()))]),
                    422, "grid_mismatch")
     # nothing half-made: no job rows, no stored objects

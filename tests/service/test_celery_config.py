@@ -28,6 +28,7 @@ def test_task_and_worker_options():
     assert task.ignore_result is True
     conf = app.conf
     assert conf.worker_prefetch_multiplier == 1 and conf.worker_concurrency == 1
+    assert conf.worker_proc_alive_timeout >= 60  # model loading in a new pool child is not a hung child
     assert conf.task_soft_time_limit < conf.task_time_limit
     assert conf.task_routes[SYNTHESIZE_TASK]["queue"] == "inference"
     assert {q.name for q in conf.task_queues} == {"inference", "training"}
