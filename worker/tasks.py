@@ -22,6 +22,7 @@ from api.core.storage import StorageError, get_storage
 from model import errors as model_errors
 from worker import runtime
 from worker.app import app
+from worker.report import write_report
 
 log = logging.getLogger(__name__)
 ERROR_CODES: dict[type, str] = {  # model errors -> stable job failure codes (docs/errors.md)
@@ -94,7 +95,8 @@ def _read_inputs(job: Job, workdir: Path) -> dict[str, Any]:
     return study
 
 
-def _write_results(job: Job, claim: jobs.Claim, result: Any, record: dict[str, Any], workdir: Path) -> dict[str, str]:
+def _write_results(job: Job, claim: jobs.Claim, result: Any, record: dict[str, Any], workdir: Path,
+                   study: dict[str, Any]) -> dict[str, str]:
     from model.io.nifti import write_nifti
 
     storage = get_storage()
@@ -106,6 +108,7 @@ def _write_results(job: Job, claim: jobs.Claim, result: Any, record: dict[str, A
         path = write_nifti(volume, workdir / name)
         storage.put_file(f"{prefix}/{name}", path)
         results[name] = f"{prefix}/{name}"
+    results |= write_report(job, result, record, study, workdir, storage, prefix)  # preview.png, report.html
     record_path = workdir / "record.json"
     record_path.write_text(json.dumps(record, indent=2, default=str))
     storage.put_file(f"{prefix}/record.json", record_path)
@@ -140,7 +143,8 @@ def run_job(job_id: str) -> str:
                 lease.update(phase=phase, progress=int(5 + 90 * fraction))
 
             steps = job.steps or settings.inference.default_steps or synth.default_steps
-            result = synth.synthesize(study, job.targets, steps=steps, seed=job.seed, samples=job.samples,
+            given = {m: v for m, v in study.items() if m not in job.targets}  # validation: references withheld
+            result = synth.synthesize(given, job.targets, steps=steps, seed=job.seed, samples=job.samples,
                                       progress=progress)
             timings |= {k: float(v) for k, v in result.timings.items()}
             lease.update(phase="writing", progress=96)
@@ -150,12 +154,13 @@ def run_job(job_id: str) -> str:
                 "device": runtime.device_name(), "seed": job.seed, "steps": steps,
                 "samples": job.samples, "targets": job.targets,
                 "inputs": {m: {"sha256": i["sha256"], "bytes": i["bytes"], "shape": i["shape"],
-                               "nonfinite_voxels_set_to_0": study[m].meta.get("nonfinite_voxels", 0)}
+                               "nonfinite_voxels_set_to_0": study[m].meta.get("nonfinite_voxels", 0),
+                               "reference": m in job.targets}
                            for m, i in job.inputs.items()},
                 "timings_seconds": timings,
                 "synthesis": getattr(result, "meta", {}),  # reference modality, slices, eta, warnings
             }
-            results = _write_results(job, claim, result, record, workdir)
+            results = _write_results(job, claim, result, record, workdir, study)
             timings["write"] = time.perf_counter() - t0
         with session_scope() as session:
             succeeded = jobs.complete(session, claim, results=results, model_version=synth.version)
