@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from api import errors
 from api.core.settings import get_settings
 from api.limits import BodySizeLimit
 from api.metrics import MetricsMiddleware
 from api.routes import health, jobs, synthesize
+
+UI_DIR = Path(__file__).parent / "ui"  # the web UI: static files, no build step (docs/ui.md)
 
 DESCRIPTION = """
 Fills in a missing brain MRI sequence (T1, T2, T1CE or FLAIR) with MSG-LDM, a multiscale structure-guided
@@ -36,6 +41,8 @@ def create_app() -> FastAPI:
     app.include_router(synthesize.router)
     app.include_router(jobs.router)
     app.include_router(health.router)
+    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
+    app.add_api_route("/", lambda: RedirectResponse("/ui/"), include_in_schema=False)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)
     return app

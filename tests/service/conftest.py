@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,9 +217,9 @@ def worker_args(*extra: str) -> list[str]:
             "--loglevel", "INFO", "-n", f"test-{uuid.uuid4().hex[:6]}@%h", *extra]
 
 
-@pytest.fixture
-def service(stack: Stack, tmp_path: Path) -> Iterator[Service]:
-    """The API under uvicorn and one Celery worker, as real processes on the given stack."""
+@contextmanager
+def running_service(stack: Stack, tmp_path: Path) -> Iterator[Service]:
+    """The API under uvicorn and one Celery worker, as real processes on the given stack (migrated first)."""
     run_cli(stack, "migrate")
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -242,9 +243,18 @@ def service(stack: Stack, tmp_path: Path) -> Iterator[Service]:
                 stop_process(p)
             pytest.fail(f"the service did not become ready\n{svc.log_text()}")
         time.sleep(0.5)
-    yield svc
-    for p in procs.values():
-        stop_process(p)
+    try:
+        yield svc
+    finally:
+        for p in procs.values():
+            stop_process(p)
+
+
+@pytest.fixture
+def service(stack: Stack, tmp_path: Path) -> Iterator[Service]:
+    """The API under uvicorn and one Celery worker, as real processes on the given stack."""
+    with running_service(stack, tmp_path) as svc:
+        yield svc
 
 
 def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 300, until=("succeeded", "failed", "cancelled")
