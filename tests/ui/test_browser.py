@@ -126,3 +126,68 @@ def test_admin_promotes_a_version(ui_service, page):
     page.locator(f'button[data-promote="{version}"]').click()
     page.wait_for_function(f"() => document.querySelector('#serving')?.textContent === {json.dumps(version)}")
     assert api.get("/api/v1/models").json()["serving"] == version
+
+
+MODELS = {  # shaped as in the registry contract (briefs/contract.md), for the UI's rendering of it
+    "serving": "msgldm-tiny-aaaa00000001",
+    "items": [
+        {"version": "msgldm-tiny-bbbb00000002", "status": "candidate", "preset": "tiny",
+         "created_at": "2026-11-21T10:00:00Z", "promoted_at": None, "training_run_id": "run-2", "base_version": None,
+         "metrics": {"per_target": {"t2": {"psnr": 24.1, "ssim": 0.871}, "flair": {"psnr": 22.9, "ssim": 0.842}},
+                     "mean": {"psnr": 23.5, "ssim": 0.8565},
+                     "baselines": {"nearest": {"psnr": 19.0, "ssim": 0.71}, "unet": {"psnr": 23.0, "ssim": 0.84}},
+                     "beats_baselines": True}},
+        {"version": "msgldm-tiny-aaaa00000001", "status": "serving", "preset": "tiny",
+         "created_at": "2026-11-20T10:00:00Z", "promoted_at": "2026-11-20T11:00:00Z", "training_run_id": "run-1",
+         "base_version": None,
+         "metrics": {"per_target": {"t2": {"psnr": 22.0, "ssim": 0.85}, "flair": {"psnr": 21.5, "ssim": 0.83}},
+                     "mean": {"psnr": 21.75, "ssim": 0.84}, "baselines": {}, "beats_baselines": False}},
+    ],
+}
+RUN = {"id": "5f0c2d9e-0000-4000-8000-000000000001", "status": "running", "stage": 1, "progress": 40, "preset": "tiny",
+       "dataset": {"path": "/data/brats", "layout": "brats2023"}, "created_at": "2026-11-22T02:00:00Z",
+       "started_at": "2026-11-22T02:00:05Z", "finished_at": None, "model_version": None, "error_code": None,
+       "error_message": None, "attempts": 1, "log_tail": "stage 1 epoch 3 step 30 loss 0.21\n",
+       "history": [{"stage": s, "epoch": 1 + i // 5, "step": 10 * i, "losses": {"mse": 1.0 / (1 + i + 3 * s)},
+                    "val": {"psnr": 15 + i + 2 * s} if i % 3 == 0 else {}} for s in (0, 1) for i in range(10)]}
+
+
+def test_admin_pages_render_the_registry_contract(ui_service, page):
+    """The admin pages against the contract's payloads (the registry is another helper's, not in this build):
+    metrics side by side, promote sends the contract's body, training curves are drawn, cancel posts."""
+    posted: list[tuple[str, dict]] = []
+
+    def registry(route):
+        req = route.request
+        if req.method == "POST":
+            posted.append((req.url.split("/api/v1")[1], req.post_data_json or {}))
+            return route.fulfill(json=MODELS["items"][0] if "models" in req.url else {**RUN, "status": "cancelled"})
+        if req.url.endswith("/models"):
+            return route.fulfill(json=MODELS)
+        if req.url.endswith("/training-runs"):
+            return route.fulfill(json={"items": [RUN], "next_cursor": None})
+        return route.fulfill(json=RUN)
+
+    page.route("**/api/v1/models", registry)
+    page.route("**/api/v1/admin/**", registry)
+    sign_in(page, ui_service.base, create_key(ui_service.stack, "admin"))
+    page.get_by_role("link", name="Models").click()
+    table = page.locator("#models")
+    table.wait_for()
+    assert page.locator("#serving").inner_text() == MODELS["serving"]
+    candidate = table.locator('tr[data-version="msgldm-tiny-bbbb00000002"]').inner_text()
+    assert all(v in candidate for v in ("24.10", "0.871", "22.90", "23.50", "23.00 / 0.840", "yes")), candidate
+    screenshot(page, "admin-models")
+    page.on("dialog", lambda d: d.accept("better FLAIR"))
+    page.locator('button[data-promote="msgldm-tiny-bbbb00000002"]').click()
+    page.get_by_text("Done.").wait_for()
+    assert posted == [("/admin/models/msgldm-tiny-bbbb00000002/promote", {"force": False, "reason": "better FLAIR"})]
+
+    page.get_by_role("link", name="Training").click()
+    page.locator("#run-detail svg.plot polyline").first.wait_for()
+    assert page.locator("#run-detail svg.plot").count() == 2
+    assert page.locator("#run-detail svg.plot polyline").count() == 4  # loss and val, stages 0 and 1
+    screenshot(page, "admin-training")
+    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/cancel")):
+        page.get_by_role("button", name="Cancel run").click()
+    assert posted[-1][0] == f"/admin/training-runs/{RUN['id']}/cancel"

@@ -1,14 +1,14 @@
 // Admin: model versions side by side (promote / roll back) and training runs (live curves, cancel).
 // Built against the registry contract; a server without the registry answers 404 and the page says so.
 import { ApiError, api } from "./api.js";
-import { Poller, badge, fmt, h, progressBar, shortId, when } from "./dom.js";
+import { Poller, badge, fmt, h, progressBar, shortId, when, put } from "./dom.js";
 import { linePlot } from "./plot.js";
 
 function unavailable(root, title, e) {
   const text = e instanceof ApiError && e.status === 404
     ? "This server has no model registry yet (the registry API answered 404)."
     : e instanceof ApiError && e.status === 403 ? "Admin pages need an admin API key." : `Error: ${e.message}`;
-  root.replaceChildren(h("h1", {}, title), h("p", { class: "notice", id: "admin-unavailable" }, text));
+  put(root, h("h1", {}, title), h("p", { class: "notice", id: "admin-unavailable" }, text));
 }
 
 export function modelsView(root) {
@@ -54,7 +54,7 @@ export function modelsView(root) {
             const reason = prompt(`Promote ${m.version} to serving? Reason:`, "");
             if (reason !== null) act(`/api/v1/admin/models/${m.version}/promote`, { force: false, reason });
           } }, "Promote"))))));
-    root.replaceChildren(h("h1", {}, "Model versions"),
+    put(root, h("h1", {}, "Model versions"),
       h("p", {}, "Serving: ", h("span", { class: "mono", id: "serving" }, data.serving || "none")), msg, table);
   }, 5000);
   poller.start();
@@ -87,13 +87,13 @@ export function trainingView(root, runId) {
         h("td", {}, r.preset || ""), h("td", {}, when(r.created_at)), h("td", { class: "mono" }, r.model_version || "–")))
         : h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No training runs."))));
     const detail = h("section", { id: "run-detail" });
-    root.replaceChildren(h("h1", {}, "Training runs"), table, detail);
+    put(root, h("h1", {}, "Training runs"), table, detail);
     if (!selected) return;
     const run = await api(`/api/v1/admin/training-runs/${selected}`);
     const history = run.history || [];
     const loss = linePlot(curves(history, (e) => e.losses), { log: true });
     const val = linePlot(curves(history, (e) => e.val));
-    detail.replaceChildren(
+    put(detail,
       h("div", { class: "toolbar" }, h("h2", {}, `Run ${shortId(run.id)}`), badge(run.status),
         ["queued", "running"].includes(run.status) ? h("button", { type: "button", class: "danger", onclick: async () => {
           if (!confirm("Cancel this training run?")) return;

@@ -1,6 +1,6 @@
 // Router and sign-in. Routes: #/jobs, #/jobs/<id>, #/admin/models, #/admin/training[/<id>].
 import { ApiError, api, session } from "./api.js";
-import { h } from "./dom.js";
+import { h, put } from "./dom.js";
 import { jobView } from "./job.js";
 import { jobsView } from "./jobs.js";
 import { modelsView, trainingView } from "./admin.js";
@@ -23,7 +23,7 @@ function signIn(message) {
     }
   } },
   h("label", { for: "api-key" }, "API key"), input, h("button", { type: "submit", class: "primary" }, "Sign in"), error);
-  view.replaceChildren(h("div", { class: "card signin" }, h("h1", {}, "Sign in"),
+  put(view, h("div", { class: "card signin" }, h("h1", {}, "Sign in"),
     h("p", { class: "muted" }, "Paste your API key. It is kept for this browser tab's session only."), form));
   input.focus();
 }

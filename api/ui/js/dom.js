@@ -50,3 +50,8 @@ export class Poller {
   }
   stop() { this.stopped = true; clearTimeout(this.timer); }
 }
+
+/** replaceChildren without the DOM's "null" text for absent parts. */
+export function put(el, ...children) {
+  el.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false));
+}

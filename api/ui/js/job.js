@@ -1,6 +1,6 @@
 // One job: status (live while it runs), downloads, validation metrics, the slice viewer and the quality report.
 import { ApiError, api, download, fetchBlobUrl, fetchBytes } from "./api.js";
-import { Poller, badge, fmt, h, progressBar, shortId, when } from "./dom.js";
+import { Poller, badge, fmt, h, progressBar, shortId, when, put } from "./dom.js";
 import { readNifti } from "./nifti.js";
 import { Viewer, difference } from "./viewer.js";
 
@@ -20,8 +20,8 @@ function label(name) {
   return name;
 }
 
-function rank(name) {
-  if (/\.nii\.gz$/.test(name)) return name.includes(".") && name.split(".").length === 3 ? 0 : 1;
+function rank(name) {  // synthesized NIfTI first, then other NIfTI, DICOM, report files
+  if (/\.nii\.gz$/.test(name)) return name.split(".").length === 3 ? 0 : 1;
   if (/dicom|\.dcm$|\.zip$/i.test(name)) return 2;
   return 3;
 }
@@ -51,8 +51,8 @@ export function jobView(root, jobId) {
   const validation = h("section");
   const viewerBox = h("section", { id: "viewer-box" });
   const report = h("section");
-  root.replaceChildren(h("div", { class: "synthetic-banner", role: "alert" }, BANNER), head, downloads, validation,
-    viewerBox, report);
+  put(root, h("div", { class: "synthetic-banner", role: "alert" }, BANNER), head, validation, viewerBox,
+    downloads, report);
   let loaded = false;
   const urls = [];
 
@@ -72,7 +72,7 @@ export function jobView(root, jobId) {
     }
     const refs = job.targets.filter((t) => job.inputs.includes(t));
     const item = (k, v) => h("div", {}, h("span", {}, k), v);
-    head.replaceChildren(
+    put(head,
       h("div", { class: "toolbar" }, h("h1", { style: "margin:0" }, `Job ${shortId(job.id)}`), badge(job.status),
         progressBar(job.progress, job.status), h("span", { id: "job-phase" }, `${job.progress}% · ${job.phase}`), ...actions,
         h("a", { href: "#/jobs" }, "← all jobs")),
@@ -91,7 +91,7 @@ export function jobView(root, jobId) {
 
   function drawDownloads(job) {
     const names = Object.keys(job.results).sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
-    downloads.replaceChildren(h("h2", {}, "Downloads"), h("div", { class: "downloads" }, names.map((name) =>
+    put(downloads, h("h2", {}, "Downloads"), h("div", { class: "downloads" }, names.map((name) =>
       h("button", { type: "button", "data-result": name, onclick: () => download(job.results[name], `${shortId(job.id)}-${name}`) },
         label(name)))));
   }
@@ -101,7 +101,7 @@ export function jobView(root, jobId) {
     const record = await api(job.results["record.json"]);
     const v = record.validation;
     if (v) {
-      validation.replaceChildren(h("h2", {}, "Validation against the uploaded reference"),
+      put(validation, h("h2", {}, "Validation against the uploaded (withheld) reference"),
         h("table", { class: "metrics", id: "validation-metrics" },
           h("tr", {}, h("th", {}, "target"), h("th", {}, "PSNR (dB)"), h("th", {}, "SSIM"), h("th", {}, "MAE")),
           Object.entries(v.metrics).map(([t, m]) => h("tr", {}, h("td", {}, t.toUpperCase()), h("td", {}, fmt(m.psnr)),
@@ -110,7 +110,7 @@ export function jobView(root, jobId) {
     }
     const timings = Object.entries(record.timings_seconds || {});
     const warnings = record.synthesis?.warnings || [];
-    report.replaceChildren(h("h2", {}, "Quality report"),
+    put(report, h("h2", {}, "Quality report"),
       warnings.length ? h("ul", { class: "notice" }, warnings.map((w) => h("li", {}, w))) : null,
       h("div", { class: "cols" },
         h("div", { id: "preview" }),
@@ -132,7 +132,7 @@ export function jobView(root, jobId) {
   async function loadViewer(job) {
     const series = seriesOf(job);
     const status = h("p", { class: "muted", id: "viewer-status", "aria-live": "polite" }, "Loading volumes…");
-    viewerBox.replaceChildren(h("h2", {}, "Viewer"), status);
+    put(viewerBox, h("h2", {}, "Viewer"), status);
     const volumes = {};
     for (const [i, s] of series.entries()) {
       const bytes = await fetchBytes(s.url, (n, total) => {
@@ -167,7 +167,7 @@ export function jobView(root, jobId) {
       job = await api(`/api/v1/jobs/${jobId}`);
     } catch (e) {
       if (e instanceof ApiError && e.status === 404) {
-        head.replaceChildren(h("h1", {}, "Job not found"), h("p", { class: "error" }, e.message));
+        put(head, h("h1", {}, "Job not found"), h("p", { class: "error" }, e.message));
         poller.stop();
         return;
       }
@@ -178,8 +178,8 @@ export function jobView(root, jobId) {
     if (job.status === "succeeded" && !loaded) {
       loaded = true;
       poller.stop();
-      await drawRecord(job).catch((e) => report.replaceChildren(h("p", { class: "error" }, `report: ${e.message}`)));
-      await loadViewer(job).catch((e) => viewerBox.replaceChildren(h("p", { class: "error" }, `viewer: ${e.message}`)));
+      await drawRecord(job).catch((e) => put(report, h("p", { class: "error" }, `report: ${e.message}`)));
+      await loadViewer(job).catch((e) => put(viewerBox, h("p", { class: "error" }, `viewer: ${e.message}`)));
     } else if (["failed", "cancelled"].includes(job.status)) {
       poller.stop();
     }

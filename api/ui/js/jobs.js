@@ -1,6 +1,6 @@
 // Jobs list: live (polled every 2 s), filtered by status (server side) and by target or id (client side).
 import { api } from "./api.js";
-import { Poller, badge, h, progressBar, shortId, when } from "./dom.js";
+import { Poller, badge, h, progressBar, shortId, when, put } from "./dom.js";
 
 const STATUSES = ["", "queued", "running", "succeeded", "failed", "cancelled"];
 
@@ -20,7 +20,7 @@ export function jobsView(root, params) {
   let items = [];
   let hasMore = false;
 
-  root.replaceChildren(
+  put(root,
     h("h1", {}, "Jobs"),
     h("div", { class: "toolbar" }, statusSelect, targetSelect, search, info),
     h("table", { class: "grid", "aria-label": "Jobs" },
@@ -33,13 +33,14 @@ export function jobsView(root, params) {
     const rows = items.filter((j) => (!state.target || j.targets.includes(state.target))
       && (!state.text || j.id.startsWith(state.text)));
     more.hidden = !hasMore;
-    body.replaceChildren(...(rows.length ? rows.map((j) => h("tr", { "data-job": j.id, "data-status": j.status },
+    put(body, ...(rows.length ? rows.map((j) => h("tr", { "data-job": j.id, "data-status": j.status },
       h("td", {}, h("a", { class: "mono", href: `#/jobs/${j.id}`, title: j.id }, shortId(j.id))),
       h("td", {}, badge(j.status), j.error ? h("div", { class: "error" }, j.error.code) : null),
       h("td", {}, progressBar(j.progress, j.status), h("span", { class: "muted" },
         j.status === "queued" && j.queue_position !== null ? `#${j.queue_position + 1} in queue` : `${j.progress}% ${j.phase}`)),
       h("td", {}, j.targets.join(", ")),
-      h("td", {}, j.inputs.join(", ")),
+      h("td", {}, j.inputs.filter((m) => !j.targets.includes(m)).join(", "),
+        j.inputs.some((m) => j.targets.includes(m)) ? h("span", { class: "muted" }, " + reference") : null),
       h("td", {}, when(j.created_at)),
       h("td", { class: "mono" }, j.model_version || "–")))
       : [h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No jobs match."))]));

@@ -37,7 +37,7 @@ export function linePlot(series, { width = 820, height = 300, xLabel = "step", l
   const Yt = (t) => height - pad.b - ((t - y0) / (y1 - y0)) * (height - pad.t - pad.b);
   for (const t of ticks(y0, y1)) {
     svg.append(el("line", { class: "gridline", x1: pad.l, x2: width - pad.r, y1: Yt(t), y2: Yt(t) }));
-    svg.append(el("text", { x: pad.l - 6, y: Yt(t) + 4, "text-anchor": "end" }, log ? `1e${t}` : String(t)));
+    svg.append(el("text", { x: pad.l - 6, y: Yt(t) + 4, "text-anchor": "end" }, log ? Number((10 ** t).toPrecision(2)).toString() : String(t)));
   }
   for (const t of ticks(x0, x1, 8)) {
     svg.append(el("text", { x: X(t), y: height - pad.b + 16, "text-anchor": "middle" }, String(t)));
