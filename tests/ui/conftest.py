@@ -21,13 +21,14 @@ from tests.service.conftest import (  # noqa: F401 - fixtures used by this folde
 
 CHROMIUM = os.environ.get("MSGLDM_TEST_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = os.environ.get("MSGLDM_UI_SCREENSHOTS")  # a folder: the tests also save the docs' screenshots there
+CHECKPOINT = os.environ.get("MSGLDM_UI_CHECKPOINT")  # ops/screenshots.py: the bundled model instead of random weights
 
 
 @pytest.fixture(scope="module")
 def ui_service(checkpoint: Path, s3_server: str, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
                ) -> Iterator[Service]:
     """The service on the real stack, shared by a module's browser tests (one job feeds several checks)."""
-    stack = real_stack(checkpoint, s3_server)
+    stack = real_stack(Path(CHECKPOINT) if CHECKPOINT else checkpoint, s3_server)
     try:
         with running_service(stack, tmp_path_factory.mktemp("ui")) as svc:
             yield svc
@@ -66,4 +67,5 @@ def screenshot(page, name: str) -> None:
     """Save a docs screenshot when MSGLDM_UI_SCREENSHOTS names a folder (ops/screenshots.py sets it)."""
     if SCREENSHOTS:
         Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        page.wait_for_timeout(300)  # let the last poll's repaint land
         page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"))

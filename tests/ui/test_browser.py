@@ -3,10 +3,15 @@ S3 server): sign in, watch a job appear and finish, open it, scroll slices, down
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
+import os
 from pathlib import Path
 
 import httpx
+import nibabel as nib
+import numpy as np
 import pytest
 
 from tests.service.conftest import brats_files, create_key
@@ -20,6 +25,8 @@ PIXELS = """s => {
   return [c.width, c.height, hash, sum];
 }"""
 BANNER = "SYNTHETIC - not for primary diagnosis"
+STEPS = os.environ.get("MSGLDM_UI_STEPS", "2")  # ops/screenshots.py asks for more with the bundled model
+JOB_TIMEOUT_MS = 1000 * int(os.environ.get("MSGLDM_UI_JOB_TIMEOUT", "600"))
 
 
 def sign_in(page, base: str, key: str) -> None:
@@ -33,7 +40,7 @@ def submit_validation_job(base: str, key: str) -> str:
     """T1, T1CE, T2 in; FLAIR synthesized with 2 samples (uncertainty) and scored against the uploaded FLAIR."""
     files = brats_files()
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120) as client:
-        r = client.post("/api/v1/synthesize", data={"targets": "flair", "reference": "true", "steps": "2",
+        r = client.post("/api/v1/synthesize", data={"targets": "flair", "reference": "true", "steps": STEPS,
                                                     "samples": "2", "seed": "7"},
                         files=[(m, (p.name, p.read_bytes(), "application/gzip")) for m, p in files.items()])
     assert r.status_code == 202, r.text
@@ -50,7 +57,7 @@ def test_sign_in_follow_a_job_view_slices_and_download(ui_service, page, tmp_pat
     row = page.locator(f'tr[data-job="{job_id}"]')
     row.wait_for()
     assert row.get_by_role("progressbar").count() == 1
-    page.locator(f'tr[data-job="{job_id}"][data-status="succeeded"]').wait_for(timeout=600_000)
+    page.locator(f'tr[data-job="{job_id}"][data-status="succeeded"]').wait_for(timeout=JOB_TIMEOUT_MS)
     screenshot(page, "jobs")
 
     # the job page: banner, every series side by side, validation metrics from the worker's record
@@ -84,7 +91,10 @@ def test_sign_in_follow_a_job_view_slices_and_download(ui_service, page, tmp_pat
     page.wait_for_function(f"() => window.msgldmViewer.slice === {int(start.split()[1]) - 1 + 8 + 3}")
     wheeled = page.evaluate(PIXELS, "flair")
     assert wheeled[2] != after["flair"][2]
+    page.evaluate("window.scrollTo(0, 0)")
     screenshot(page, "job")
+    page.locator("#preview img").scroll_into_view_if_needed()
+    screenshot(page, "job-report")
 
     # window/level changes the rendering; the coronal plane has the volume's other shape
     page.get_by_label("Window").fill("40")
@@ -191,3 +201,48 @@ def test_admin_pages_render_the_registry_contract(ui_service, page):
     with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/cancel")):
         page.get_by_role("button", name="Cancel run").click()
     assert posted[-1][0] == f"/admin/training-runs/{RUN['id']}/cancel"
+
+
+def _nifti_variants() -> dict[str, tuple[bytes, tuple[int, ...], np.ndarray, tuple[float, ...]]]:
+    """NIfTI files the page must read, with what nibabel makes of them in RAS+: shape, voxels (x fastest), sizes."""
+    rng = np.random.default_rng(1)
+    data = (rng.random((7, 6, 5)) * 1000).astype(np.float32)
+    tilt = np.radians(8)
+    oblique = np.array([[0, 0, 1.5, -4], [np.cos(tilt), -np.sin(tilt), 0, 7], [np.sin(tilt), np.cos(tilt), 0, 2],
+                        [0, 0, 0, 1]])
+    lps = np.diag([-0.9, -1.1, 2.0, 1.0])
+    made = {
+        "nifti1-gz-float32-lps-sform": nib.Nifti1Image(data, lps),
+        "nifti2-int16-scaled-oblique": nib.Nifti2Image(data.astype(np.int16), oblique),
+        "nifti1-big-endian": nib.Nifti1Image(data, lps, nib.Nifti1Header(endianness=">")),
+    }
+    made["nifti2-int16-scaled-oblique"].header.set_slope_inter(0.5, -3)
+    qform_only = nib.Nifti1Image(data.astype(np.uint8), oblique)
+    qform_only.set_qform(oblique, code=1)
+    qform_only.set_sform(None, code=0)
+    made["nifti1-qform-only-uint8"] = qform_only
+    out = {}
+    for name, img in made.items():
+        raw = img.to_bytes()
+        back = type(img).from_bytes(raw)
+        canon = nib.as_closest_canonical(back)
+        out[name] = (gzip.compress(raw) if "gz" in name else raw, canon.shape,
+                     np.asarray(canon.get_fdata()).ravel(order="F"), canon.header.get_zooms()[:3])
+    return out
+
+
+def test_nifti_reader_matches_nibabel(ui_service, page):
+    """api/ui/js/nifti.js in Chromium against nibabel: both NIfTI versions, gzip, byte orders, datatypes,
+    scaling, sform / qform-only, oblique and flipped axes (all reoriented to RAS+)."""
+    page.goto(f"{ui_service.base}/ui/")
+    read = """async b64 => {
+      const { readNifti } = await import('/ui/js/nifti.js');
+      const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+      const v = await readNifti(bytes.buffer);
+      return { dims: v.dims, spacing: v.spacing, data: Array.from(v.data) };
+    }"""
+    for name, (raw, shape, expected, zooms) in _nifti_variants().items():
+        got = page.evaluate(read, base64.b64encode(raw).decode())
+        assert got["dims"] == list(shape), (name, got["dims"], shape)
+        np.testing.assert_allclose(got["data"], expected, rtol=1e-5, atol=1e-3, err_msg=name)
+        np.testing.assert_allclose(got["spacing"], zooms, rtol=1e-4, err_msg=name)
