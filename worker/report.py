@@ -75,9 +75,10 @@ def _canonical(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def _cuts(vol: np.ndarray, center: tuple[int, int, int]) -> list[np.ndarray]:
-    """Axial, coronal, sagittal slices through ``center``, rows top-down (superior / anterior up)."""
+    """Axial, coronal, sagittal slices through ``center`` of a RAS+ volume, as the web viewer shows them
+    (radiological: the patient's right on the left; anterior / superior up; sagittal: anterior on the left)."""
     x, y, z = center
-    return [np.flipud(vol[:, :, z].T), np.flipud(vol[:, y, :].T), np.flipud(vol[x, :, :].T)]
+    return [np.flipud(vol[::-1, :, z].T), np.flipud(vol[::-1, y, :].T), np.flipud(vol[x, ::-1, :].T)]
 
 
 def montage(inputs: dict[str, Any], result: Any, references: dict[str, np.ndarray]) -> bytes:
