@@ -1,5 +1,5 @@
 """Fixtures for the service tests: the embedded stack and the real one (PostgreSQL, Redis, an S3 server),
-real API and worker processes, and a model checkpoint."""
+real API and worker processes (the model checkpoint and the S3 server are in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -46,14 +46,6 @@ def brats_files() -> dict[str, Path]:
         pytest.skip(f"shared sample data not found at {BRATS}")
     names = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
     return {m: BRATS / f"BraTS-GLI-00001-000-{s}.nii.gz" for m, s in names.items()}
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A complete tiny checkpoint with random weights: the service tests check plumbing, not quality."""
-    from model.checkpoint import init_checkpoint
-
-    return init_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny-random", seed=0)
 
 
 @dataclass
@@ -103,18 +95,6 @@ def create_pg_database() -> tuple[str, callable]:
         admin.dispose()
 
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", drop
-
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    """An S3-compatible server on loopback (moto in server mode; MinIO cannot be installed here)."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop()
 
 
 def real_stack(checkpoint: Path, s3_endpoint: str) -> Stack:

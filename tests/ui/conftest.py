@@ -10,14 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.conftest import (  # noqa: F401 - fixtures used by this folder's tests
-    Service,
-    checkpoint,
-    clear_caches,
-    real_stack,
-    running_service,
-    s3_server,
-)
+from tests.service.conftest import Service, clear_caches, real_stack, running_service
 
 CHROMIUM = os.environ.get("MSGLDM_TEST_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = os.environ.get("MSGLDM_UI_SCREENSHOTS")  # a folder: the tests also save the docs' screenshots there
@@ -25,8 +18,7 @@ CHECKPOINT = os.environ.get("MSGLDM_UI_CHECKPOINT")  # ops/screenshots.py: the b
 
 
 @pytest.fixture(scope="module")
-def ui_service(checkpoint: Path, s3_server: str, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
-               ) -> Iterator[Service]:
+def ui_service(checkpoint: Path, s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """The service on the real stack, shared by a module's browser tests (one job feeds several checks)."""
     stack = real_stack(Path(CHECKPOINT) if CHECKPOINT else checkpoint, s3_server)
     try:

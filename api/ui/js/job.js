@@ -37,7 +37,7 @@ function seriesOf(job) {
   }
   for (const t of job.targets) {
     if (res[`${t}.nii.gz`]) out.push({ id: t, title: `${t.toUpperCase()} SYNTHETIC`, url: res[`${t}.nii.gz`], kind: "gray", synthetic: true });
-    if (res[`${t}.uncertainty.nii.gz`]) out.push({ id: `${t}.uncertainty`, title: `${t.toUpperCase()} uncertainty (std over samples)`,
+    if (res[`${t}.uncertainty.nii.gz`]) out.push({ id: `${t}.uncertainty`, title: `${t.toUpperCase()} uncertainty (SD)`,
       url: res[`${t}.uncertainty.nii.gz`], kind: "heat" });
     if (res[`${t}.reference.nii.gz`]) out.push({ id: `${t}.reference`, title: `${t.toUpperCase()} reference (acquired)`,
       url: res[`${t}.reference.nii.gz`], kind: "gray", differenceOf: t });
@@ -145,7 +145,7 @@ export function jobView(root, jobId) {
     for (const s of series) {
       panels.push({ ...s, volume: volumes[s.id] });
       if (s.differenceOf && volumes[s.differenceOf]) {
-        panels.push({ id: `${s.differenceOf}.difference`, title: `${s.differenceOf.toUpperCase()} difference (synthetic − reference)`,
+        panels.push({ id: `${s.differenceOf}.difference`, title: `${s.differenceOf.toUpperCase()} synthetic − reference`,
           kind: "diff", volume: difference(volumes[s.differenceOf], volumes[s.id]) });
       }
     }
