@@ -60,6 +60,16 @@ def test_sign_in_follow_a_job_view_slices_and_download(ui_service, page, tmp_pat
     page.locator(f'tr[data-job="{job_id}"][data-status="succeeded"]').wait_for(timeout=JOB_TIMEOUT_MS)
     screenshot(page, "jobs")
 
+    # filters: status (asked of the server) and target (in the page)
+    page.select_option("#filter-status", "failed")
+    page.get_by_text("No jobs match.").wait_for()
+    page.select_option("#filter-status", "succeeded")
+    row.wait_for()
+    page.select_option("#filter-target", "t1")
+    page.get_by_text("No jobs match.").wait_for()
+    page.select_option("#filter-target", "flair")
+    row.wait_for()
+
     # the job page: banner, every series side by side, validation metrics from the worker's record
     row.get_by_role("link").click()
     page.wait_for_function("() => window.msgldmViewer !== undefined", timeout=120_000)
