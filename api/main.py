@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from api import errors
 from api.core.settings import get_settings
@@ -14,6 +17,8 @@ from api.limits import BodySizeLimit
 from api.metrics import MetricsMiddleware
 from api.routes import admin, audit, health, jobs, models, synthesize
 from api.schemas import Problem
+
+UI_DIR = Path(__file__).parent / "ui"  # the web UI: static files, no build step (docs/ui.md)
 
 DESCRIPTION = """
 Fills in a missing brain MRI sequence (T1, T2, T1CE or FLAIR) with MSG-LDM, a multiscale structure-guided
@@ -45,6 +50,8 @@ def create_app() -> FastAPI:
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(audit.router)
+    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
+    app.add_api_route("/", lambda: RedirectResponse("/ui/"), include_in_schema=False)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)
     app.openapi = lambda: _problem_openapi(app)  # type: ignore[method-assign]

@@ -69,7 +69,7 @@ Try it (from {ROOT}): submit the sample study without its FLAIR, wait, download 
   curl -sf {auth} $BASE/api/v1/jobs/$JOB; echo
   curl -sf {auth} -o flair.nii.gz $BASE/api/v1/jobs/$JOB/results/flair.nii.gz && ls -l flair.nii.gz
 
-API docs: $BASE/docs   Stop: Ctrl-C
+API docs: $BASE/docs   Web UI: $BASE/ui/ (API key: the content of {key_path})   Stop: Ctrl-C
 """
 
 

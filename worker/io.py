@@ -41,7 +41,8 @@ def input_record(job: Job, study: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for m, info in job.inputs.items():
         entry = {"format": info.get("format", "nifti"), "sha256": info["sha256"], "bytes": info["bytes"],
-                 "shape": info["shape"], "nonfinite_voxels_set_to_0": study[m].meta.get("nonfinite_voxels", 0)}
+                 "shape": info["shape"], "nonfinite_voxels_set_to_0": study[m].meta.get("nonfinite_voxels", 0),
+                 "reference": m in job.targets}  # validation mode: withheld from the model, scored against
         if info.get("format") == "dicom":
             entry |= {k: info.get(k) for k in ("series_instance_uid", "series_number", "series_description",
                                                "frame_of_reference_uid", "study_instance_uid", "rule")}

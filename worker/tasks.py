@@ -22,6 +22,7 @@ from api.core.storage import StorageError, get_storage
 from model import errors as model_errors
 from worker import io, runtime
 from worker.app import app
+from worker.report import write_report
 
 log = logging.getLogger(__name__)
 ERROR_CODES: dict[type, str] = {  # model errors -> stable job failure codes (docs/errors.md)
@@ -91,6 +92,7 @@ def _write_results(job: Job, claim: jobs.Claim, result: Any, record: dict[str, A
     for name, path in io.write_result_files(job, result, study, workdir).items():
         storage.put_file(f"{prefix}/{name}", path)
         results[name] = f"{prefix}/{name}"
+    results |= write_report(job, result, record, study, workdir, storage, prefix)  # preview.png, report.html
     record_path = workdir / "record.json"
     record_path.write_text(json.dumps(record, indent=2, default=str))
     storage.put_file(f"{prefix}/record.json", record_path)
@@ -125,7 +127,8 @@ def run_job(job_id: str) -> str:
                 lease.update(phase=phase, progress=int(5 + 90 * fraction))
 
             steps = job.steps or settings.inference.default_steps or synth.default_steps
-            result = synth.synthesize(study, job.targets, steps=steps, seed=job.seed, samples=job.samples,
+            given = {m: v for m, v in study.items() if m not in job.targets}  # validation: references withheld
+            result = synth.synthesize(given, job.targets, steps=steps, seed=job.seed, samples=job.samples,
                                       progress=progress)
             timings |= {k: float(v) for k, v in result.timings.items()}
             lease.update(phase="writing", progress=96)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from datetime import datetime
+from pathlib import PurePosixPath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -109,6 +110,27 @@ async def get_result(job_id: str, name: str, session: SessionDep, storage: Stora
     media = next((t for suffix, t in MEDIA_TYPES.items() if name.endswith(suffix)), "application/octet-stream")
     return StreamingResponse(chunks, media_type=media, headers={
         "Content-Disposition": f'attachment; filename="{job_id[:8]}-{name}"', "Content-Length": str(size)})
+
+
+@router.get("/{job_id}/inputs/{modality}", responses={
+    **PROBLEM_RESPONSES, **NOT_FOUND,
+    200: {"content": {"application/gzip": {}, "application/octet-stream": {}}, "description": "the stored input"}})
+async def get_input(job_id: str, modality: str, session: SessionDep, storage: StorageDep, key: KeyDep
+                    ) -> StreamingResponse:
+    """Download one uploaded input as stored (NIfTI, ``.nii.gz`` or ``.nii``); in validation mode also the reference."""
+    job = visible_job(session, key, job_id)
+    info = job.inputs.get(modality)
+    if info is None:
+        raise ProblemError(404, "input_not_found", f"job {job_id} has no input {modality!r} "
+                           f"(inputs: {', '.join(job.inputs) or 'none'})")
+    obj_key = info["key"]
+    size = await run_in_threadpool(storage.size, obj_key)
+    chunks = await run_in_threadpool(storage.open_stream, obj_key)
+    name = f"{modality}{''.join(PurePosixPath(obj_key).suffixes[-2:]) or '.nii'}"
+    media = "application/gzip" if name.endswith(".gz") else "application/octet-stream"
+    return StreamingResponse(chunks, media_type=media,
+                             headers={"Content-Disposition": f'attachment; filename="{job_id[:8]}-input-{name}"',
+                                      "Content-Length": str(size)})
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses={

@@ -33,7 +33,7 @@ from api.uploads import check_same_space, hash_upload, inspect_nifti
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["synthesis"])
 FORMATS = ("nifti", "dicom")
-OPTIONS = ("targets", "formats", "steps", "seed", "samples", "series_map")
+OPTIONS = ("targets", "formats", "steps", "seed", "samples", "series_map", "reference")
 DICOM_FIELD = "dicom"
 
 REQUEST_BODY = {
@@ -60,6 +60,8 @@ REQUEST_BODY = {
                 "steps": {"type": "integer", "minimum": 1, "description": "DDIM steps (default: the model's)"},
                 "seed": {"type": "integer", "minimum": 0, "description": "random seed (default: drawn)"},
                 "samples": {"type": "integer", "minimum": 1, "description": "samples for an uncertainty map"},
+                "reference": {"type": "boolean", "description": "validation mode: the named targets are also "
+                              "uploaded; the worker withholds them from the model and scores against them"},
             },
         },
         "encoding": {**{m: {"contentType": "application/gzip, application/octet-stream"}
@@ -113,8 +115,14 @@ def parse_request(files: dict[str, UploadFile], fields: dict[str, str], modaliti
         raise ProblemError(422, "unknown_target", f"target(s) {', '.join(bad)} are not modalities of the serving "
                                                   f"model ({', '.join(modalities)})")
     both = [t for t in targets if t in given]
-    if both:
-        raise ProblemError(422, "target_supplied", f"target(s) {', '.join(both)} were also uploaded as inputs")
+    reference = fields.get("reference", "").strip().lower() in ("true", "1", "yes")
+    if both and not reference:
+        raise ProblemError(422, "target_supplied", f"target(s) {', '.join(both)} were also uploaded as inputs "
+                                                   "(send reference=true to score the synthesis against them)")
+    if reference and (not _csv(fields.get("targets")) or len(both) < len(targets)):
+        raise ProblemError(422, "reference_missing", "reference=true needs targets, each also uploaded")
+    if both and set(both) == set(given):
+        raise ProblemError(422, "no_inputs", "every upload is a reference: upload an input to synthesize from")
     if not targets:
         raise ProblemError(422, "nothing_to_synthesize", "every modality of the model was supplied")
     formats = _csv(fields.get("formats")) or ["nifti"]
@@ -129,6 +137,7 @@ def parse_request(files: dict[str, UploadFile], fields: dict[str, str], modaliti
         "steps": _int_option(fields, "steps", 1, settings.inference.max_steps),
         "seed": _int_option(fields, "seed", 0, 2**31 - 1),
         "samples": _int_option(fields, "samples", 1, settings.inference.max_samples) or 1,
+        **({"reference": True} if reference else {}),  # validation mode: inputs ∩ targets are withheld references
     }
 
 

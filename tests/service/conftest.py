@@ -1,5 +1,5 @@
 """Fixtures for the service tests: the embedded stack and the real one (PostgreSQL, Redis, an S3 server),
-real API and worker processes, and a model checkpoint."""
+real API and worker processes (the model checkpoint and the S3 server are in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,14 +46,6 @@ def brats_files() -> dict[str, Path]:
         pytest.skip(f"shared sample data not found at {BRATS}")
     names = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
     return {m: BRATS / f"BraTS-GLI-00001-000-{s}.nii.gz" for m, s in names.items()}
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A complete tiny checkpoint with random weights: the service tests check plumbing, not quality."""
-    from model.checkpoint import init_checkpoint
-
-    return init_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny-random", seed=0)
 
 
 @dataclass
@@ -102,18 +95,6 @@ def create_pg_database() -> tuple[str, callable]:
         admin.dispose()
 
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", drop
-
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    """An S3-compatible server on loopback (moto in server mode; MinIO cannot be installed here)."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop()
 
 
 def real_stack(checkpoint: Path, s3_endpoint: str) -> Stack:
@@ -216,9 +197,9 @@ def worker_args(*extra: str) -> list[str]:
             "--loglevel", "INFO", "-n", f"test-{uuid.uuid4().hex[:6]}@%h", *extra]
 
 
-@pytest.fixture
-def service(stack: Stack, tmp_path: Path) -> Iterator[Service]:
-    """The API under uvicorn and one Celery worker, as real processes on the given stack."""
+@contextmanager
+def running_service(stack: Stack, tmp_path: Path) -> Iterator[Service]:
+    """The API under uvicorn and one Celery worker, as real processes on the given stack (migrated first)."""
     run_cli(stack, "migrate")
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -242,9 +223,18 @@ def service(stack: Stack, tmp_path: Path) -> Iterator[Service]:
                 stop_process(p)
             pytest.fail(f"the service did not become ready\n{svc.log_text()}")
         time.sleep(0.5)
-    yield svc
-    for p in procs.values():
-        stop_process(p)
+    try:
+        yield svc
+    finally:
+        for p in procs.values():
+            stop_process(p)
+
+
+@pytest.fixture
+def service(stack: Stack, tmp_path: Path) -> Iterator[Service]:
+    """The API under uvicorn and one Celery worker, as real processes on the given stack."""
+    with running_service(stack, tmp_path) as svc:
+        yield svc
 
 
 def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 300, until=("succeeded", "failed", "cancelled")

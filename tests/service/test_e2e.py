@@ -25,7 +25,7 @@ def test_synthesize_missing_flair(service):
         assert job["status"] == "succeeded", f"{job}\n{service.log_text()}"
         assert job["attempts"] == 1 and job["progress"] == 100 and job["phase"] == "done"
         assert job["model_version"] and job["started_at"] and job["finished_at"]
-        assert set(job["results"]) == {"flair.nii.gz", "record.json"}
+        assert set(job["results"]) == {"flair.nii.gz", "record.json", "preview.png", "report.html"}
 
         download = client.get(job["results"]["flair.nii.gz"])
         assert download.status_code == 200 and download.headers["content-type"] == "application/gzip"

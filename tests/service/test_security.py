@@ -10,7 +10,8 @@ from datetime import timedelta
 from tests.service.test_api import auth, create_key, upload
 
 PUBLIC = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/openapi.json"),
-          ("GET", "/docs"), ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc")}
+          ("GET", "/docs"), ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc"),
+          ("GET", "/")}  # a redirect to the web UI (/ui/, static files; its data calls need a key)
 BAD_CREDENTIALS = ("none", "malformed", "forged", "stored hash", "expired", "revoked")
 ROLES = ("owner", "other integrator", "radiologist", "admin")
 # (method, path) -> expected status per role, on a job owned by "owner" that has succeeded with one result.
@@ -22,6 +23,8 @@ MATRIX: dict[tuple[str, str], dict[str, int]] = {
     ("GET", "/api/v1/jobs/{job_id}"): {"owner": 200, "other integrator": 404, "radiologist": 200, "admin": 200},
     ("GET", "/api/v1/jobs/{job_id}/results/{name}"): {"owner": 200, "other integrator": 404, "radiologist": 200,
                                                       "admin": 200},
+    ("GET", "/api/v1/jobs/{job_id}/inputs/{modality}"): {"owner": 200, "other integrator": 404, "radiologist": 200,
+                                                         "admin": 200},
     ("POST", "/api/v1/jobs/{job_id}/cancel"): {"owner": 409, "other integrator": 404, "radiologist": 403,
                                                "admin": 409},
     ("POST", "/api/v1/jobs/{job_id}/retry"): {"owner": 409, "other integrator": 404, "radiologist": 403,
@@ -89,7 +92,7 @@ def test_endpoint_role_credential_matrix(app_client, stack, study):
     job_id = _succeeded_job(keys["owner"], app_client, study)
 
     def call(method: str, path: str, headers: dict[str, str]):
-        url = path.replace("{job_id}", job_id).replace("{name}", "flair.nii.gz")
+        url = path.replace("{job_id}", job_id).replace("{name}", "flair.nii.gz").replace("{modality}", "t1")
         if method == "POST" and path.endswith("/synthesize"):
             return app_client.post(url, headers=headers, **upload(study))
         return app_client.request(method, url, headers=headers)

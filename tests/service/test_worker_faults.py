@@ -69,7 +69,7 @@ def test_worker_killed_mid_job_is_rerun(service, small_study, monkeypatch):
         job = wait_for_job(client, job_id, timeout=600)
         assert job["status"] == "succeeded", f"{job}\n{service.log_text()}"
         assert job["attempts"] == 2
-        assert set(job["results"]) == {"flair.nii.gz", "record.json"}
+        assert set(job["results"]) == {"flair.nii.gz", "record.json", "preview.png", "report.html"}
     service.stack.apply(monkeypatch)
     from api.core.storage import get_storage
 

@@ -1,0 +1,190 @@
+// One job: status (live while it runs), downloads, validation metrics, the slice viewer and the quality report.
+import { ApiError, api, download, fetchBlobUrl, fetchBytes } from "./api.js";
+import { Poller, badge, fmt, h, progressBar, shortId, when, put } from "./dom.js";
+import { readNifti } from "./nifti.js";
+import { Viewer, difference } from "./viewer.js";
+
+const ORDER = ["t1", "t2", "t1ce", "flair"];
+const BANNER = "SYNTHETIC - not for primary diagnosis";
+
+function label(name) {
+  const m = name.split(".")[0].toUpperCase();
+  if (name.endsWith(".uncertainty.nii.gz")) return `${m} uncertainty (NIfTI)`;
+  if (name.endsWith(".reference.nii.gz")) return `${m} reference, normalised (NIfTI)`;
+  if (name.endsWith(".input.nii.gz")) return `${m} input (NIfTI)`;
+  if (name.endsWith(".nii.gz")) return `${m} synthesized (NIfTI)`;
+  if (/dicom|\.dcm$|\.zip$/i.test(name)) return `${name.replace(/\.(zip|dcm)$/i, "")} (DICOM)`;
+  if (name === "report.html") return "Report (HTML)";
+  if (name === "preview.png") return "Preview (PNG)";
+  if (name === "record.json") return "Record (JSON)";
+  return name;
+}
+
+function rank(name) {  // synthesized NIfTI first, then other NIfTI, DICOM, report files
+  if (/\.nii\.gz$/.test(name)) return name.split(".").length === 3 ? 0 : 1;
+  if (/dicom|\.dcm$|\.zip$/i.test(name)) return 2;
+  return 3;
+}
+
+/** The series to show, on the job's grid: inputs, then per target synthesized / uncertainty / reference. */
+function seriesOf(job) {
+  const base = `/api/v1/jobs/${job.id}`;
+  const res = job.results;
+  const out = [];
+  for (const m of ORDER.filter((x) => job.inputs.includes(x) && !job.targets.includes(x))) {
+    const url = res[`${m}.input.nii.gz`] || `${base}/inputs/${m}`;  // a DICOM input's NIfTI, else the upload
+    out.push({ id: m, title: `${m.toUpperCase()} (input)`, url, kind: "gray" });
+  }
+  for (const t of job.targets) {
+    if (res[`${t}.nii.gz`]) out.push({ id: t, title: `${t.toUpperCase()} SYNTHETIC`, url: res[`${t}.nii.gz`], kind: "gray", synthetic: true });
+    if (res[`${t}.uncertainty.nii.gz`]) out.push({ id: `${t}.uncertainty`, title: `${t.toUpperCase()} uncertainty (SD)`,
+      url: res[`${t}.uncertainty.nii.gz`], kind: "heat" });
+    if (res[`${t}.reference.nii.gz`]) out.push({ id: `${t}.reference`, title: `${t.toUpperCase()} reference (acquired)`,
+      url: res[`${t}.reference.nii.gz`], kind: "gray", differenceOf: t });
+  }
+  return out;
+}
+
+export function jobView(root, jobId) {
+  const head = h("div");
+  const downloads = h("section", { "aria-label": "Downloads" });
+  const validation = h("section");
+  const viewerBox = h("section", { id: "viewer-box" });
+  const report = h("section");
+  put(root, h("div", { class: "synthetic-banner", role: "alert" }, BANNER), head, validation, viewerBox,
+    downloads, report);
+  let loaded = false;
+  const urls = [];
+
+  function drawHead(job) {
+    const actions = [];
+    if (["queued", "running"].includes(job.status)) {
+      actions.push(h("button", { type: "button", class: "danger", onclick: async () => {
+        await api(`/api/v1/jobs/${job.id}/cancel`, { method: "POST" }).catch((e) => alert(e.message));
+        poller.fn();
+      } }, "Cancel job"));
+    }
+    if (["failed", "cancelled"].includes(job.status)) {
+      actions.push(h("button", { type: "button", onclick: async () => {
+        await api(`/api/v1/jobs/${job.id}/retry`, { method: "POST" }).catch((e) => alert(e.message));
+        poller.restart();
+      } }, "Retry"));
+    }
+    const refs = job.targets.filter((t) => job.inputs.includes(t));
+    const item = (k, v) => h("div", {}, h("span", {}, k), v);
+    put(head,
+      h("div", { class: "toolbar" }, h("h1", { style: "margin:0" }, `Job ${shortId(job.id)}`), badge(job.status),
+        progressBar(job.progress, job.status), h("span", { id: "job-phase" }, `${job.progress}% · ${job.phase}`), ...actions,
+        h("a", { href: "#/jobs" }, "← all jobs")),
+      h("div", { class: "meta" },
+        item("id", h("span", { class: "mono" }, job.id)),
+        item("inputs", job.inputs.filter((m) => !refs.includes(m)).join(", ")),
+        item("targets", job.targets.join(", ")),
+        refs.length ? item("validation mode: reference", refs.join(", ")) : null,
+        item("model", h("span", { class: "mono" }, job.model_version || "–")),
+        item("seed", job.seed), item("steps", job.steps ?? "model default"), item("samples", job.samples),
+        item("attempts", job.attempts), item("created", when(job.created_at)), item("finished", when(job.finished_at))),
+      job.error ? h("p", { class: "error", role: "status" }, `${job.error.code}: ${job.error.message}`) : null,
+      job.status === "queued" && job.queue_position !== null
+        ? h("p", { class: "muted" }, `${job.queue_position} job(s) ahead in the queue`) : null);
+  }
+
+  function drawDownloads(job) {
+    const names = Object.keys(job.results).sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
+    put(downloads, h("h2", {}, "Downloads"), h("div", { class: "downloads" }, names.map((name) =>
+      h("button", { type: "button", "data-result": name, onclick: () => download(job.results[name], `${shortId(job.id)}-${name}`) },
+        label(name)))));
+  }
+
+  async function drawRecord(job) {
+    if (!job.results["record.json"]) return;
+    const record = await api(job.results["record.json"]);
+    const v = record.validation;
+    if (v) {
+      put(validation, h("h2", {}, "Validation against the uploaded (withheld) reference"),
+        h("table", { class: "metrics", id: "validation-metrics" },
+          h("tr", {}, h("th", {}, "target"), h("th", {}, "PSNR (dB)"), h("th", {}, "SSIM"), h("th", {}, "MAE")),
+          Object.entries(v.metrics).map(([t, m]) => h("tr", {}, h("td", {}, t.toUpperCase()), h("td", {}, fmt(m.psnr)),
+            h("td", {}, fmt(m.ssim, 4)), h("td", {}, fmt(m.mae, 4))))),
+        h("p", { class: "muted" }, v.protocol));
+    }
+    const timings = Object.entries(record.timings_seconds || {});
+    const warnings = record.synthesis?.warnings || [];
+    put(report, h("h2", {}, "Quality report"),
+      warnings.length ? h("ul", { class: "notice" }, warnings.map((w) => h("li", {}, w))) : null,
+      h("div", { class: "cols" },
+        h("div", { id: "preview" }),
+        h("div", {}, h("table", { class: "metrics" }, h("tr", {}, h("th", {}, "phase"), h("th", {}, "seconds")),
+          timings.map(([k, s]) => h("tr", {}, h("td", {}, k), h("td", {}, fmt(s))))),
+        job.results["report.html"] ? h("button", { type: "button", onclick: async () => {
+          const url = await fetchBlobUrl(job.results["report.html"]);
+          urls.push(url);
+          window.open(url, "_blank", "noopener");
+        } }, "Open report.html") : null)));
+    if (job.results["preview.png"]) {
+      const url = await fetchBlobUrl(job.results["preview.png"]);
+      urls.push(url);
+      report.querySelector("#preview").append(h("img", { class: "report-img", src: url,
+        alt: "Montage: inputs, synthesized, uncertainty in three orthogonal planes" }));
+    }
+  }
+
+  async function loadViewer(job) {
+    const series = seriesOf(job);
+    const status = h("p", { class: "muted", id: "viewer-status", "aria-live": "polite" }, "Loading volumes…");
+    put(viewerBox, h("h2", {}, "Viewer"), status);
+    const volumes = {};
+    for (const [i, s] of series.entries()) {
+      const bytes = await fetchBytes(s.url, (n, total) => {
+        status.textContent = `Loading ${s.title} (${i + 1}/${series.length}): ${(n / 1e6).toFixed(1)}`
+          + `${total ? ` / ${(total / 1e6).toFixed(1)}` : ""} MB`;
+      });
+      volumes[s.id] = await readNifti(bytes);
+    }
+    const panels = [];
+    for (const s of series) {
+      panels.push({ ...s, volume: volumes[s.id] });
+      if (s.differenceOf && volumes[s.differenceOf]) {
+        panels.push({ id: `${s.differenceOf}.difference`, title: `${s.differenceOf.toUpperCase()} synthetic − reference`,
+          kind: "diff", volume: difference(volumes[s.differenceOf], volumes[s.id]) });
+      }
+    }
+    const grid = panels[0].volume.dims.join("×");
+    const bad = panels.filter((p) => p.volume.dims.join("×") !== grid);
+    if (bad.length) {
+      status.textContent = `Not on one grid: ${bad.map((p) => p.title).join(", ")}; cannot show side by side.`;
+      return;
+    }
+    const viewer = new Viewer(panels);
+    status.textContent = `${panels.length} series on a ${grid} grid`;
+    viewerBox.append(viewer.element);
+    window.msgldmViewer = viewer;  // for the browser tests and the console
+  }
+
+  const poller = new Poller(async () => {
+    let job;
+    try {
+      job = await api(`/api/v1/jobs/${jobId}`);
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 404) {
+        put(head, h("h1", {}, "Job not found"), h("p", { class: "error" }, e.message));
+        poller.stop();
+        return;
+      }
+      throw e;
+    }
+    drawHead(job);
+    drawDownloads(job);
+    if (job.status === "succeeded" && !loaded) {
+      loaded = true;
+      poller.stop();
+      await drawRecord(job).catch((e) => put(report, h("p", { class: "error" }, `report: ${e.message}`)));
+      await loadViewer(job).catch((e) => put(viewerBox, h("p", { class: "error" }, `viewer: ${e.message}`)));
+    } else if (["failed", "cancelled"].includes(job.status)) {
+      poller.stop();
+    }
+  }, 2000);
+  poller.restart = () => { poller.stopped = false; poller.start(); };
+  poller.start();
+  return () => { poller.stop(); urls.forEach((u) => URL.revokeObjectURL(u)); delete window.msgldmViewer; };
+}

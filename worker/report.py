@@ -1,0 +1,163 @@
+"""The quality report of a job: validation metrics (when a reference was uploaded), ``preview.png`` (a montage
+of inputs | synthesized | uncertainty | reference in three orthogonal planes) and a self-contained ``report.html``.
+
+Called once from ``worker.tasks._write_results``; it adds ``validation`` to the record before record.json is
+written and returns the result files it stored (name -> storage key).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from api.core.models import Job
+from api.core.storage import Storage
+
+PLANES = ("axial", "coronal", "sagittal")
+BANNER = "SYNTHETIC - not for primary diagnosis"
+PROTOCOL = ("reference normalised to [0, 1] inside the inputs' brain mask (0.5-99.5 percentile clip, as the model "
+            "normalises its inputs); PSNR over the brain mask, SSIM 3D over the volume (model/metrics.py)")
+
+
+def write_report(job: Job, result: Any, record: dict[str, Any], study: dict[str, Any], workdir: Path,
+                 storage: Storage, prefix: str) -> dict[str, str]:
+    """Score against references, draw the montage, write the HTML; returns ``{result name: storage key}``."""
+    from model.io.nifti import write_nifti
+    from model.io.volume import Volume
+
+    t0 = time.perf_counter()
+    inputs = {m: v for m, v in study.items() if m not in job.targets}
+    references = {m: v for m, v in study.items() if m in job.targets}
+    brain = np.logical_or.reduce([np.asarray(v.data) > 0 for v in inputs.values()])
+    files: dict[str, Path] = {}
+    normalized: dict[str, np.ndarray] = {}
+    if references:
+        record["validation"] = {"protocol": PROTOCOL, "metrics": {}}
+        for m, ref in references.items():
+            normalized[m], record["validation"]["metrics"][m] = score(result.volumes[m].data, ref.data, brain)
+            files[f"{m}.reference.nii.gz"] = write_nifti(Volume(normalized[m].astype(np.float32), ref.affine, {}),
+                                                         workdir / f"{m}.reference.nii.gz")
+    files["preview.png"] = workdir / "preview.png"
+    files["preview.png"].write_bytes(montage(inputs, result, normalized))
+    record.setdefault("timings_seconds", {})["report"] = time.perf_counter() - t0
+    files["report.html"] = workdir / "report.html"
+    files["report.html"].write_text(report_html(record, files["preview.png"].read_bytes()), encoding="utf-8")
+    keys = {}
+    for name, path in files.items():
+        storage.put_file(f"{prefix}/{name}", path)
+        keys[name] = f"{prefix}/{name}"
+    return keys
+
+
+def score(synthesized: np.ndarray, reference: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+    """The reference on the model's [0, 1] scale, and PSNR (dB, brain mask) and SSIM (3D) of the synthesis."""
+    from model.metrics import normalize_in_mask, psnr, ssim
+
+    y = normalize_in_mask(np.asarray(reference, dtype=np.float64), brain)
+    p = np.asarray(synthesized, dtype=np.float64)
+    return y, {"psnr": round(psnr(p, y, 1.0, mask=brain), 4), "ssim": round(ssim(p, y, 1.0), 5),
+               "mae": round(float(np.abs(p - y)[brain].mean()), 6) if brain.any() else float("nan")}
+
+
+def _canonical(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The array reoriented to RAS+ (the viewer's convention), so that every volume is cut the same way."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    return nib.orientations.apply_orientation(np.asarray(data, dtype=np.float32), ornt)
+
+
+def _cuts(vol: np.ndarray, center: tuple[int, int, int]) -> list[np.ndarray]:
+    """Axial, coronal, sagittal slices through ``center`` of a RAS+ volume, as the web viewer shows them
+    (radiological: the patient's right on the left; anterior / superior up; sagittal: anterior on the left)."""
+    x, y, z = center
+    return [np.flipud(vol[::-1, :, z].T), np.flipud(vol[::-1, y, :].T), np.flipud(vol[x, ::-1, :].T)]
+
+
+def montage(inputs: dict[str, Any], result: Any, references: dict[str, np.ndarray]) -> bytes:
+    """PNG bytes: one column per input, synthesized target, uncertainty map and reference; one row per plane."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    first = next(iter(result.volumes.values()))
+    columns: list[tuple[str, np.ndarray, str]] = []  # (title, RAS volume, colour map)
+    columns += [(f"input {m}", _canonical(v.data, v.affine), "gray") for m, v in inputs.items()]
+    columns += [(f"SYNTHETIC {m}", _canonical(v.data, v.affine), "gray") for m, v in result.volumes.items()]
+    columns += [(f"uncertainty {m}", _canonical(v.data, v.affine), "magma")
+                for m, v in (result.uncertainty or {}).items()]
+    columns += [(f"reference {m}", _canonical(v, first.affine), "gray") for m, v in references.items()]
+    mask = columns[0][1] > 0
+    center = tuple(int(round(c.mean())) for c in np.nonzero(mask)) if mask.any() else tuple(s // 2 for s in mask.shape)
+    fig = Figure(figsize=(2.2 * len(columns), 6.9), dpi=100, facecolor="black")
+    for col, (title, vol, cmap) in enumerate(columns):
+        inside = vol[vol > 0]
+        vmax = float(np.percentile(inside, 99.5)) if inside.size else 1.0
+        for row, cut in enumerate(_cuts(vol, center)):  # type: ignore[arg-type]
+            ax = fig.add_subplot(3, len(columns), row * len(columns) + col + 1)
+            ax.imshow(cut, cmap=cmap, vmin=0.0, vmax=vmax or 1.0, interpolation="nearest")
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(title, color="#ffb000" if title.startswith("SYNTHETIC") else "white", fontsize=10)
+    fig.suptitle(BANNER, color="#ffb000", fontsize=12, fontweight="bold")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.03, hspace=0.03)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", facecolor="black")
+    return buf.getvalue()
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def report_html(record: dict[str, Any], preview_png: bytes) -> str:
+    """A self-contained page (inline CSS and image): what was made, from what, how, how long, and how good."""
+    timings = [(k, f"{v:.2f} s") for k, v in record.get("timings_seconds", {}).items()]
+    checks = [(m, f"shape {i.get('shape')}, {i.get('bytes')} bytes, sha256 {str(i.get('sha256'))[:16]}..., "
+                  f"non-finite voxels set to 0: {i.get('nonfinite_voxels_set_to_0', 0)}"
+                  + (" (reference, withheld from the model)" if i.get("reference") else ""))
+              for m, i in record.get("inputs", {}).items()]
+    synthesis = record.get("synthesis", {})
+    about = [("job", record.get("job_id")), ("attempt", record.get("attempt")),
+             ("model version", record.get("model_version")), ("device", record.get("device")),
+             ("seed", record.get("seed")), ("steps", record.get("steps")), ("samples", record.get("samples")),
+             ("targets", ", ".join(record.get("targets", []))), ("reference modality", synthesis.get("reference"))]
+    parts = [f"<h2>Job</h2>{_table(about)}", f"<h2>Input checks</h2>{_table(checks)}"]
+    validation = record.get("validation")
+    if validation:
+        rows = [(m, f"PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}, MAE {v['mae']:.4f}")
+                for m, v in validation["metrics"].items()]
+        parts.append(f"<h2>Validation against the uploaded reference</h2>{_table(rows)}"
+                     f"<p class=note>{html.escape(validation['protocol'])}</p>")
+    warnings = synthesis.get("warnings") or []
+    if warnings:
+        parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul>")
+    parts.append(f"<h2>Timings per phase</h2>{_table(timings)}")
+    image = base64.b64encode(preview_png).decode()
+    raw = html.escape(json.dumps(record, indent=2, default=str))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>MSG-LDM report {html.escape(str(record.get("job_id")))}</title>
+<style>
+body {{ font: 15px/1.45 system-ui, sans-serif; margin: 0; background: #111; color: #eee; }}
+main {{ max-width: 1400px; margin: 0 auto; padding: 0 24px 40px; }}
+.banner {{ background: #ffb000; color: #000; font-weight: 700; text-align: center; padding: 10px; font-size: 18px; }}
+table {{ border-collapse: collapse; margin: 8px 0; }} th, td {{ text-align: left; padding: 4px 14px 4px 0; }}
+th {{ color: #aaa; font-weight: 500; }} img {{ max-width: 100%; }} .note, pre {{ color: #aaa; }}
+pre {{ background: #1b1b1b; padding: 12px; overflow: auto; }}
+</style></head>
+<body><div class="banner" role="alert">{BANNER}</div><main>
+<h1>MSG-LDM synthesis report</h1>
+<img alt="montage: inputs, synthesized, uncertainty, reference in three planes" src="data:image/png;base64,{image}">
+{"".join(parts)}
+<details><summary>record.json</summary><pre>{raw}</pre></details>
+</main></body></html>
+"""
