@@ -11,7 +11,7 @@ the registry is merged. Needs PostgreSQL and Redis on 127.0.0.1, like the real-s
 from __future__ import annotations
 
 import os
-import subprocess
+import subprocess  # nosec B404 - fixed argv, no shell
 import sys
 from pathlib import Path
 
@@ -23,7 +23,8 @@ def main() -> int:
            "MSGLDM_UI_CHECKPOINT": os.environ.get("MSGLDM_UI_CHECKPOINT", str(ROOT / "model" / "default")),
            "MSGLDM_UI_STEPS": os.environ.get("MSGLDM_UI_STEPS", "10"), "MSGLDM_UI_JOB_TIMEOUT": "1700",
            "OMP_NUM_THREADS": "2"}
-    return subprocess.call([sys.executable, "-m", "pytest", "-q", "-x", "tests/ui", "-p", "no:cacheprovider"],
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "tests/ui", "-p", "no:cacheprovider"]
+    return subprocess.call(cmd,  # nosec B603 - fixed argv
                            cwd=ROOT, env=env)
 
 

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import signal
-import subprocess
+import subprocess  # nosec B404 - the trainer runs as a fixed argv, no shell
 import sys
 import time
 from pathlib import Path
@@ -188,7 +188,8 @@ class Monitor:
         with self.console.open("ab") as console:
             console.write(f"\n$ {' '.join(cmd)}\n".encode())
             console.flush()
-            proc = subprocess.Popen([sys.executable, "-c", GUARD, str(os.getpid()), *cmd], cwd=ROOT, stdout=console,
+            argv = [sys.executable, "-c", GUARD, str(os.getpid()), *cmd]  # cmd: built from validated run parameters
+            proc = subprocess.Popen(argv, cwd=ROOT, stdout=console,  # nosec B603
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, process_group=0)
         try:
             while proc.poll() is None:

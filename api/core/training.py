@@ -85,7 +85,7 @@ def fail(session: Session, c: Claim, *, code: str, message: str, retry: bool = F
     """End the attempt: failed with a code, or back to queued when ``retry`` (attempts remaining)."""
     now = utcnow()
     values |= {"updated_at": now, "lease_expires_at": None, "fencing_token": None, "error_code": code,
-               "error_message": message}
+               "error_message": message}  # nosec B105 - fencing_token None: not a password
     values |= {"status": RunStatus.queued} if retry else {"status": RunStatus.failed, "finished_at": now}
     return _apply(session, _fenced(c).values(**values))
 
@@ -129,7 +129,7 @@ def reap_expired(session: Session, *, max_attempts: int, now: datetime | None = 
                       "error_message": f"the training worker stopped answering on each of {attempts} attempts"}
         else:
             values = {"status": RunStatus.queued}
-        values |= {"fencing_token": None, "lease_expires_at": None, "updated_at": now}
+        values |= {"fencing_token": None, "lease_expires_at": None, "updated_at": now}  # nosec B105
         if session.execute(guard.values(**values).execution_options(synchronize_session=False)).rowcount == 1:  # type: ignore[attr-defined]
             (requeued if values["status"] == RunStatus.queued else failed).append(run_id)
     session.commit()
