@@ -180,7 +180,7 @@ def test_nibabel_edge_case_files_are_read_or_refused_with_their_code(tmp_path):
     from api.core.settings import DicomSettings
     from api.dicom import inspect_dicom_upload
     from api.errors import ProblemError
-    from api.uploads import inspect_nifti_header
+    from api.uploads import inspect_nifti
     from model.io.dicom import DicomError, read_series
     from model.io.nifti import read_nifti
 
@@ -189,7 +189,8 @@ def test_nibabel_edge_case_files_are_read_or_refused_with_their_code(tmp_path):
     for path in sorted(NIBABEL_DATA.glob("*.nii*")):
         try:
             with open(path, "rb") as f:
-                shape, affine = inspect_nifti_header("t1", f, max_voxels=512**3)
+                header = inspect_nifti("t1", f)
+                shape, affine = header.shape, header.affine
         except ProblemError as exc:
             assert exc.code in documented
             outcomes[path.name] = exc.code
@@ -243,7 +244,8 @@ def test_real_sagittal_series_round_trips_through_the_service(one_thread_workers
         assert r.status_code == 202, r.text
         job = wait_for_job(client, r.json()["id"], timeout=600)
         assert job["status"] == "succeeded", f"{job}\n{service.log_text()}"
-        assert set(job["results"]) == {"flair.nii.gz", "flair.dicom.zip", "t1.input.nii.gz", "record.json"}
+        assert set(job["results"]) == {"flair.nii.gz", "flair.dicom.zip", "t1.input.nii.gz", "record.json",
+                                      "preview.png", "report.html"}
         flair = nib.Nifti1Image.from_bytes(gzip.decompress(client.get(job["results"]["flair.nii.gz"]).content))
         t1 = nib.Nifti1Image.from_bytes(gzip.decompress(client.get(job["results"]["t1.input.nii.gz"]).content))
         record = client.get(job["results"]["record.json"]).json()
@@ -303,11 +305,11 @@ def test_worker_fails_a_series_headers_cannot_refuse_with_its_code(app_client, s
     r = app_client.post("/api/v1/synthesize", headers=auth(key), data={"targets": "flair"},
                         files=[("dicom", ("uneven.zip", buf.getvalue(), "application/zip"))])
     assert r.status_code == 202, r.text
-    runtime.get_synthesizer.cache_clear()
+    runtime._loaded.clear()  # the synthesizers this process holds
     try:
         assert run_job(r.json()["id"]) == "failed"
     finally:
-        runtime.get_synthesizer.cache_clear()
+        runtime._loaded.clear()  # the synthesizers this process holds
     job = app_client.get(f"/api/v1/jobs/{r.json()['id']}", headers=auth(key)).json()
     assert job["status"] == "failed" and job["attempts"] == 1
     assert job["error"]["code"] == "dicom_nonuniform_spacing" and "t1_fl2d_sag" in job["error"]["message"]

@@ -59,15 +59,16 @@ def test_make_run_serves_the_printed_example_and_restarts_its_worker(tmp_path: P
         t1 = nib.load(ROOT / "samples/tcga-du-7294/TCGA-DU-7294_t1.nii.gz")
         assert flair.shape == t1.shape and np.allclose(flair.affine, t1.affine)
 
-        # kill -9 the worker: the supervisor starts a new one
-        workers = [p for p in child_pids(proc.pid) if "celery" in cmdline(p)]
-        assert len(workers) == 1
+        # kill -9 the inference worker: the supervisor starts a new one (beside it: the training worker)
+        celery = [p for p in child_pids(proc.pid) if "celery" in cmdline(p)]
+        workers = [p for p in celery if " inference " in f" {cmdline(p)} "]
+        assert len(celery) == 2 and len(workers) == 1, [cmdline(p) for p in celery]
         os.kill(workers[0], signal.SIGKILL)
         for pid in child_pids(workers[0]):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 60
         while True:
-            new = [p for p in child_pids(proc.pid) if "celery" in cmdline(p) and p != workers[0]]
+            new = [p for p in child_pids(proc.pid) if " inference " in f" {cmdline(p)} " and p != workers[0]]
             if new:
                 break
             assert time.monotonic() < deadline, "".join(lines[-40:])
