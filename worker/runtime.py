@@ -30,7 +30,7 @@ def get_synthesizer() -> Synthesizer:
     from model.pipeline import Synthesizer
 
     settings = get_settings().inference
-    synth = Synthesizer.from_pretrained(settings.checkpoint, device=settings.device)
+    synth = Synthesizer.from_pretrained(settings.checkpoint, device=settings.device, precision=settings.precision)
     _state["model_version"], _state["device"] = synth.version, str(getattr(synth, "device", settings.device))
     log.info("model %s loaded from %s on %s", synth.version, settings.checkpoint, _state["device"])
     return synth

@@ -47,6 +47,8 @@ class StorageSettings(BaseModel):
 class InferenceSettings(BaseModel):
     checkpoint: Path = ROOT / "model" / "default"
     device: str | None = None  # None: cuda when present, else cpu
+    # auto: bf16 autocast on CUDA; on a bf16-capable CPU bf16 for the encoders/decoder, fp32 UNet (docs/benchmarks.md)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     default_steps: int | None = None  # None: the checkpoint's own default
     max_steps: int = 1000
     max_samples: int = 8
