@@ -1,14 +1,14 @@
 """``make bench``: volume synthesis speed against this machine's measured peak, and quality against steps.
 
-    python ops/bench_inference.py [--preset brats] [--steps 10,25,50,100] [--repeats 3] [--budget-minutes 25]
+    python ops/bench_inference.py [--preset brats] [--steps 10,25,50,100] [--repeats 3] [--budget-minutes 22]
         [--device cuda|cpu] [--precision auto|fp32|bf16] [--max-slices N] [--quality] [--out var/bench]
 
 1. **Speed** (``OUT/inference.json``, a list of rows): the preset with RANDOM weights (timing does not depend on
    them) synthesizes FLAIR from T1, T1CE and T2 of the shared BraTS case (every slice with brain) at each step
-   count. Two warm-up runs (1 and 2 steps) run under ``torch.utils.flop_counter.FlopCounterMode`` and give the
-   FLOPs of every phase (encoders, one UNet step, decoding); the FLOPs of ``s`` steps are
-   ``F(1) + (s - 1) * (F(2) - F(1))`` (every step is the same UNet forward on the same shapes; the smoke test
-   checks the extrapolation against a direct count). ``seconds`` is the median of the timed runs; on a CPU the
+   count. The warm-up run (2 steps) runs under ``torch.utils.flop_counter.FlopCounterMode`` and gives the FLOPs
+   of every phase (encoders, UNet steps, decoding); a run of ``s`` steps has the same encode/decode FLOPs and
+   ``s / 2`` times the denoising FLOPs (every step is the same UNet forward on the same shapes; the smoke test
+   checks this against a direct count). ``seconds`` is the median of the timed runs; on a CPU the
    number of repeats shrinks to fit ``--budget-minutes`` (each row says how many ran). The peak is measured in the
    same process, before and after, as the best of a 3x3 convolution (channels-last on CPU) and a square matmul
    in each dtype the synthesis uses; ``peak_flops_per_s`` weights the dtypes by the FLOPs each phase runs in them
@@ -138,8 +138,8 @@ def brats_study(max_slices: int | None = None) -> dict[str, Volume]:
     return study
 
 
-def counted_run(synth: Synthesizer, study: dict[str, Volume], steps: int) -> dict[str, int]:
-    """One synthesis under FlopCounterMode: FLOPs per phase."""
+def counted_run(synth: Synthesizer, study: dict[str, Volume], steps: int) -> tuple[dict[str, int], dict[str, float]]:
+    """One synthesis under FlopCounterMode: FLOPs per phase, and the run's phase timings."""
     flops = dict.fromkeys(PHASES, 0)
     state = {"phase": None, "mark": 0}
     with FlopCounterMode(display=False) as counter:
@@ -151,15 +151,15 @@ def counted_run(synth: Synthesizer, study: dict[str, Volume], steps: int) -> dic
                     flops[state["phase"]] += total - state["mark"]
                 state["phase"], state["mark"] = phase, total
 
-        synth.synthesize(study, [TARGET], steps=steps, seed=0, progress=progress)
+        result = synth.synthesize(study, [TARGET], steps=steps, seed=0, progress=progress)
         flops[state["phase"]] += counter.get_total_flops() - state["mark"]
     sync(synth.device)
-    return flops
+    return flops, result.timings
 
 
-def flops_for(steps: int, one: dict[str, int], two: dict[str, int]) -> dict[str, int]:
-    """Extrapolate per-phase FLOPs from the 1- and 2-step counts (only denoising grows with steps)."""
-    return {p: one[p] + (steps - 1) * (two[p] - one[p]) for p in PHASES}
+def flops_for(steps: int, counted: dict[str, int], counted_steps: int) -> dict[str, int]:
+    """Per-phase FLOPs of a ``steps`` synthesis from a counted one (every step is the same UNet forward)."""
+    return {p: f * steps // counted_steps if p == "denoise" else f for p, f in counted.items()}
 
 
 def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -172,19 +172,19 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict]:
     print(f"measuring the peak on {device} ({', '.join(sorted({str(d) for d in dtypes.values()}))})", flush=True)
     peaks = {d: measure_peak(device, d, args.peak_repeats, args.small_peak) for d in set(dtypes.values())}
 
+    # warm-up (oneDNN primitives / CUDA kernels for every shape) under the FLOP counter, 2 steps: the per-step
+    # FLOPs are half the denoising phase's, every other phase's do not depend on the step count
     t0 = time.perf_counter()
-    one = counted_run(synth, study, 1)
-    t1 = time.perf_counter()
-    two = counted_run(synth, study, 2)
-    t2 = time.perf_counter()
-    per_step, fixed = max(t2 - t1 - (t1 - t0), 0.0), t1 - t0
-    print(f"warm-up/FLOP count: 1 step {t1 - t0:.1f} s, 2 steps {t2 - t1:.1f} s", flush=True)
+    counted, warm = counted_run(synth, study, 2)
+    fixed = time.perf_counter() - t0 - warm["denoise"]
+    per_step = warm["denoise"] / 2
+    print(f"warm-up and FLOP count (2 steps): {time.perf_counter() - t0:.1f} s", flush=True)
 
     budget_end = time.monotonic() + args.budget_minutes * 60
     rows = []
     for i, steps in enumerate(args.steps):
-        est = fixed + per_step * (steps - 1)  # the counted runs are slower than plain ones: an upper estimate
-        left = [fixed + per_step * (s - 1) for s in args.steps[i:]]
+        est = fixed + per_step * steps  # the counted run is slower than plain ones: an upper estimate
+        left = [fixed + per_step * s for s in args.steps[i:]]
         repeats = args.repeats
         if device.type == "cpu":
             repeats = max(1, min(args.repeats, int((budget_end - time.monotonic()) // max(sum(left), 1e-9))))
@@ -199,7 +199,7 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict]:
             times.append(time.perf_counter() - start)
             phases.append(res.timings)
             meta = res.meta
-        flops = flops_for(steps, one, two)
+        flops = flops_for(steps, counted, 2)
         total = sum(flops.values())
         seconds = statistics.median(times)
         row = {
