@@ -226,7 +226,7 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict]:
         # the time the work would take at peak, each phase in its own dtype
         ideal = sum(f / best[row["precision"][STAGE_OF[p]]]["best"] for p, f in row["flops_by_phase"].items() if f)
         row["peak_flops_per_s"] = row["flops"] / ideal
-        row["fraction_of_peak"] = round(row["flops"] / row["seconds"] / row["peak_flops_per_s"], 4)
+        row["fraction_of_peak"] = row["flops"] / row["seconds"] / row["peak_flops_per_s"]
     return rows
 
 
