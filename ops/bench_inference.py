@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +163,20 @@ def flops_for(steps: int, counted: dict[str, int], counted_steps: int) -> dict[s
     return {p: f * steps // counted_steps if p == "denoise" else f for p, f in counted.items()}
 
 
-def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict]:
+def add_peaks(rows: list[dict], peaks: dict[torch.dtype, dict]) -> None:
+    """``peak_flops_per_s``: the FLOPs over the time they would take at peak, each phase in its own dtype."""
+    best = {str(d).removeprefix("torch."): v for d, v in peaks.items()}
+    for row in rows:
+        row["peak_by_dtype"] = best
+        ideal = sum(f / best[row["precision"][STAGE_OF[p]]]["best"] for p, f in row["flops_by_phase"].items() if f)
+        row["peak_flops_per_s"] = row["flops"] / ideal
+        row["fraction_of_peak"] = row["flops"] / row["seconds"] / row["peak_flops_per_s"]
+
+
+def run_speed(
+    args: argparse.Namespace, device: torch.device, on_row: Callable[[list[dict]], None] | None = None
+) -> list[dict]:
+    """The speed rows; ``on_row(rows)`` after each (the file is rewritten, so a long run keeps what it has)."""
     study = brats_study(args.max_slices)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = init_checkpoint(args.preset, Path(tmp) / args.preset, seed=0)
@@ -216,17 +230,14 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict]:
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         }
         rows.append(row)
+        add_peaks(rows, peaks)
+        if on_row is not None:
+            on_row(rows)
         print(f"  {steps:>4} steps: {seconds:8.2f} s  ({total / seconds / 1e9:.0f} GFLOP/s, "
               f"{row['peak_rss_mb']:.0f} MB RSS, {repeats} run(s))", flush=True)
     after = {d: measure_peak(device, d, args.peak_repeats, args.small_peak) for d in set(dtypes.values())}
     # the better of the two peak measurements (before and after): the machine's capability, less its noise
-    best = {str(d).removeprefix("torch."): {k: max(v, after[d][k]) for k, v in peaks[d].items()} for d in peaks}
-    for row in rows:
-        row["peak_by_dtype"] = best
-        # the time the work would take at peak, each phase in its own dtype
-        ideal = sum(f / best[row["precision"][STAGE_OF[p]]]["best"] for p, f in row["flops_by_phase"].items() if f)
-        row["peak_flops_per_s"] = row["flops"] / ideal
-        row["fraction_of_peak"] = row["flops"] / row["seconds"] / row["peak_flops_per_s"]
+    add_peaks(rows, {d: {k: max(v, after[d][k]) for k, v in peaks[d].items()} for d in peaks})
     return rows
 
 
@@ -307,8 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"host: {json.dumps(host())}  load average: {os.getloadavg()}", flush=True)
     if not args.no_speed:
-        rows = run_speed(args, device)
-        (args.out / "inference.json").write_text(json.dumps(rows, indent=1) + "\n")
+        def write(rows: list[dict]) -> None:
+            ordered = sorted(rows, key=lambda r: r["steps"])
+            (args.out / "inference.json").write_text(json.dumps(ordered, indent=1) + "\n")
+
+        rows = sorted(run_speed(args, device, write), key=lambda r: r["steps"])
+        write(rows)
         print(speed_table(rows))
         print(f"wrote {args.out / 'inference.json'}")
     if args.quality:
