@@ -265,6 +265,8 @@ def run_quality(args: argparse.Namespace, out: Path) -> list[dict]:
         cmd = [sys.executable, "-m", "model.evaluate", "--checkpoint", str(args.quality_checkpoint), "--data", *cases,
                "--split", "all", "--out", str(dest), "--max-slices", str(args.quality_slices), "--available", "3",
                "--no-baselines", "--no-dice", "--seed", "0", "--steps", str(steps)]
+        if args.quality_targets:
+            cmd += ["--targets", args.quality_targets]
         print(f"quality at {steps} steps: {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         report = json.loads((dest / "report.json").read_text())
@@ -275,8 +277,9 @@ def run_quality(args: argparse.Namespace, out: Path) -> list[dict]:
 
         rows.append({
             "steps": steps, "version": report["version"], "cases": report["cases"], "volumes": len(res),
-            "slices_per_volume": args.quality_slices, "paper_psnr": mean("paper_psnr"),
-            "paper_ssim": mean("paper_ssim"), "brasyn_ssim": mean("brasyn_ssim"), "mae": mean("mae"),
+            "slices_per_volume": args.quality_slices, "targets": sorted({r["target"] for r in res}),
+            "paper_psnr": mean("paper_psnr"), "paper_ssim": mean("paper_ssim"), "brasyn_ssim": mean("brasyn_ssim"),
+            "mae": mean("mae"),
             "seconds_per_volume": mean("seconds"), "loadavg": [round(v, 2) for v in os.getloadavg()],
             "threads": torch.get_num_threads(), "command": " ".join(["python", *cmd[1:]]),
         })
@@ -310,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality", action="store_true", help="also the quality-vs-steps table (model.evaluate)")
     p.add_argument("--quality-checkpoint", type=Path, default=ROOT / "model" / "default")
     p.add_argument("--quality-slices", type=int, default=40)
+    p.add_argument("--quality-targets", default=None, help="e.g. flair (default: every target)")
     p.add_argument("--out", type=Path, default=ROOT / "var" / "bench")
     args = p.parse_args(argv)
     if args.threads:
