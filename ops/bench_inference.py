@@ -241,6 +241,26 @@ def run_speed(
     return rows
 
 
+def run_profile(args: argparse.Namespace, device: torch.device) -> str:
+    """torch.profiler operator table of one 2-step synthesis of ``--profile-slices`` slices (after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    study = brats_study(args.profile_slices)
+    with tempfile.TemporaryDirectory() as tmp:
+        synth = Synthesizer.from_pretrained(init_checkpoint(args.preset, Path(tmp) / "ck"), device=str(device),
+                                            precision=args.precision)
+    synth.synthesize(study, [TARGET], steps=2, seed=0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        res = synth.synthesize(study, [TARGET], steps=2, seed=0)
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    head = (f"{args.preset} preset, {res.meta['slices']} slices, 2 steps, {device}, precision "
+            f"{res.meta['precision']}, threads {torch.get_num_threads()}, load average {os.getloadavg()}\n"
+            f"phase seconds: { {k: round(v, 2) for k, v in res.timings.items()} }\n")
+    return head + prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=50)
+
+
 def speed_table(rows: list[dict]) -> str:
     lines = ["| device | preset | steps | slices | seconds | TFLOP | achieved GFLOP/s | peak GFLOP/s | of peak "
              "| peak RSS MB | peak GPU MB | runs |", "|" + "---|" * 12]
@@ -310,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-repeats", type=int, default=5)
     p.add_argument("--small-peak", action="store_true", help="small peak kernels (smoke tests)")
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--profile", action="store_true", help="also write OUT/profile-<device>.txt (torch.profiler)")
+    p.add_argument("--profile-slices", type=int, default=8)
     p.add_argument("--quality", action="store_true", help="also the quality-vs-steps table (model.evaluate)")
     p.add_argument("--quality-checkpoint", type=Path, default=ROOT / "model" / "default")
     p.add_argument("--quality-slices", type=int, default=40)
@@ -330,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         write(rows)
         print(speed_table(rows))
         print(f"wrote {args.out / 'inference.json'}")
+    if args.profile:
+        table = run_profile(args, device)
+        (args.out / f"profile-{device.type}.txt").write_text(table + "\n")
+        print(table)
     if args.quality:
         qrows = run_quality(args, args.out)
         (args.out / "quality.json").write_text(json.dumps(qrows, indent=1) + "\n")
