@@ -184,6 +184,34 @@ def fill_queue(env: dict[str, str], template_id: str, total: int) -> int:
     return newest  # type: ignore[return-value]
 
 
+def queue_position_seconds(job_id: str, repeats: int = 200) -> float:
+    """Median time of the queue-position query for one job, in this process (after fill_queue set the env)."""
+    from api.core.db import get_engine, session_scope
+    from api.core.jobs import queue_position
+    from api.core.models import Job
+
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            queue_position(session, job)
+            times.append(time.perf_counter() - start)
+    get_engine().dispose()
+    return statistics.median(times)
+
+
+def oldest_queued(env: dict[str, str]) -> str:
+    from sqlalchemy import select
+
+    from api.core.db import session_scope
+    from api.core.models import Job, JobStatus
+
+    with session_scope() as session:
+        return session.execute(select(Job.id).where(Job.status == JobStatus.queued)
+                               .order_by(Job.created_at).limit(1)).scalar_one()
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -254,6 +282,14 @@ def run(args: argparse.Namespace) -> dict:
         print(f"status, {position + 1} queued jobs (newest job, position {position})", flush=True)
         load_queue = os.getloadavg()
         full = wrk(f"{base}/api/v1/jobs/{newest}", key, args.connections, args.duration)
+        # the same queue, alternately the oldest job (position 0: nothing to count) and the newest (counts all):
+        # what the queue position itself costs, with the machine's load drift averaged out
+        oldest = oldest_queued(env)
+        alternating: dict[str, list[dict]] = {"oldest": [], "newest": []}
+        for _ in range(args.alternations):
+            for name, job_id in (("oldest", oldest), ("newest", newest)):
+                alternating[name].append(wrk(f"{base}/api/v1/jobs/{job_id}", key, args.connections, args.duration))
+        query = {"oldest_s": queue_position_seconds(oldest), "newest_s": queue_position_seconds(newest)}
         client.close()
     finally:
         if api is not None and api.poll() is None:
@@ -274,6 +310,10 @@ def run(args: argparse.Namespace) -> dict:
         "status_long_queue": {**full, "queued_jobs": position + 1, "loadavg": [round(v, 2) for v in load_queue]},
         "queue_slowdown_p50": round(slowdown, 4),
         "queue_slowdown_rps": round(1 - full["requests_per_s"] / empty["requests_per_s"], 4),
+        "queue_alternating": {name: {"p50_ms": [r["p50_ms"] for r in runs], "p99_ms": [r["p99_ms"] for r in runs],
+                                     "requests_per_s": [r["requests_per_s"] for r in runs]}
+                              for name, runs in alternating.items()},
+        "queue_position_query_s": query,
         "submission": {**submission, "loadavg": [round(v, 2) for v in load_submit]},
         "memory": memory,
         "targets": TARGETS,
@@ -301,6 +341,12 @@ def table(r: dict) -> str:
         ("API RSS peak growth while uploading", f"{m['peak_growth_mb']} MB (study {m['study_mb']} MB)",
          "no whole-study copies", None),
     ]
+    alt, q = r["queue_alternating"], r["queue_position_query_s"]
+    rows.append((f"same queue, alternately oldest / newest job ({len(alt['oldest']['p50_ms'])} pairs)",
+                 f"p50 {alt['oldest']['p50_ms']} / {alt['newest']['p50_ms']} ms; req/s "
+                 f"{[round(v) for v in alt['oldest']['requests_per_s']]} / "
+                 f"{[round(v) for v in alt['newest']['requests_per_s']]}; queue-position query "
+                 f"{q['oldest_s'] * 1e3:.2f} / {q['newest_s'] * 1e3:.2f} ms", "(diagnostic)", None))
     lines = [f"stack: {r['stack']}; {r['server']}", "| what | measured | target | met |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {'-' if d is None else ('yes' if d else 'NO')} |" for a, b, c, d in rows]
     return "\n".join(lines)
@@ -314,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--submissions", type=int, default=20)
     p.add_argument("--queued", type=int, default=1000)
+    p.add_argument("--alternations", type=int, default=2, help="oldest/newest wrk pairs on the long queue")
     p.add_argument("--out", type=Path, default=ROOT / "var" / "bench")
     args = p.parse_args(argv)
     print(f"load average at start: {os.getloadavg()}", flush=True)

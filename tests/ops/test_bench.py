@@ -63,8 +63,9 @@ def test_bench_inference_writes_rows_and_counts_flops_exactly(tmp_path, one_thre
 @needs_brats
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
 def test_bench_api_runs_and_writes_json(tmp_path):
-    out = subprocess.run([sys.executable, "ops/bench_api.py", "--duration", "1", "--submissions", "2", "--queued",
-                          "20", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    args = ["--duration", "1", "--submissions", "2", "--alternations", "1", "--queued", "20", "--out", str(tmp_path)]
+    out = subprocess.run([sys.executable, "ops/bench_api.py", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads((tmp_path / "api-embedded.json").read_text())
     assert result["stack"] == "embedded"
@@ -73,3 +74,5 @@ def test_bench_api_runs_and_writes_json(tmp_path):
     assert result["submission"]["status_codes"] == [202] and result["submission"]["count"] == 2
     assert result["memory"]["rss_before_submissions_mb"] > 0
     assert set(result["met"]) == {"status_rps", "status_p99", "submit_p95", "long_queue"}
+    assert result["queue_position_query_s"]["newest_s"] > 0
+    assert len(result["queue_alternating"]["newest"]["p50_ms"]) == 1
