@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--device", default=None)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="compute dtype per stage (docs/benchmarks.md)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="compute dtype per stage (docs/model.md)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
