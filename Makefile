@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
 
-.PHONY: run test lint install clean
+.PHONY: run test lint install clean bench bench-api
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,15 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff check api worker model ops tests
 	$(VENV)/bin/bandit -q -c pyproject.toml -r api worker model ops
 	$(PY) -m pytest
+
+# Benchmarks (docs/benchmarks.md): results in var/bench/
+bench: $(VENV)/.installed
+	$(PY) ops/bench_inference.py --quality
+
+bench-api: $(VENV)/.installed
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } || \
+		{ echo "make bench-api needs wrk (Debian: apt-get install wrk)" >&2; exit 1; }
+	$(PY) ops/bench_api.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check api worker model ops tests

@@ -166,7 +166,8 @@ class VectorQuantizer(nn.Module):
         b, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d).float()
         emb = self.codebook.weight.float()
-        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ emb.t() + emb.pow(2).sum(1)[None]
+        with torch.autocast(z.device.type, enabled=False):  # nearest codes in fp32 even under bf16 autocast
+            dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ emb.t() + emb.pow(2).sum(1)[None]
         idx = dist.argmin(1)
         if self.update == "ema" and self.training:
             self._ema_update(flat.detach(), idx)

@@ -23,6 +23,7 @@ from model.msgldm import MSGLDM
 from model.preprocess import PreparedStudy, prepare_study, restore_volume
 
 Progress = Callable[[str, float], None]
+DENOISE_MEMORY_BYTES = 2 << 30  # activation budget of one UNet forward (CPU; on CUDA half the free memory if more)
 # overall-progress share of each phase (denoise dominates)
 _PHASES = {
     "preprocess": (0.0, 0.03),
@@ -42,9 +43,23 @@ class SynthesisResult:
 
 
 class Synthesizer:
-    """A loaded MSG-LDM checkpoint on one device. Not thread-safe: one synthesis at a time."""
+    """A loaded MSG-LDM checkpoint on one device. Not thread-safe: one synthesis at a time.
 
-    def __init__(self, model: MSGLDM, version: str, device: torch.device, chunk_size: int | None = None) -> None:
+    ``precision``: ``"auto"`` (bf16 autocast for every stage on CUDA; on a CPU with bf16 support, bf16 for the
+    full-resolution structure encoders and autoencoder decoder, fp32 for the latent-resolution UNet, which bf16
+    slows down on CPU), ``"bf16"`` (every stage) or ``"fp32"`` (none). On the CPU the full-resolution stages run
+    channels-last. ``chunk_size`` slices per forward at full resolution; the denoiser takes as many slices per
+    forward as :data:`DENOISE_MEMORY_BYTES` allows (``denoise_chunk_size``).
+    """
+
+    def __init__(
+        self,
+        model: MSGLDM,
+        version: str,
+        device: torch.device,
+        chunk_size: int | None = None,
+        precision: str = "auto",
+    ) -> None:
         self.model = model.eval()
         self.version = version
         self.device = device
@@ -53,12 +68,29 @@ class Synthesizer:
         self.default_steps: int = model.cfg.diffusion.default_steps
         default_chunk = self.config.chunk_size_cuda if device.type == "cuda" else self.config.chunk_size_cpu
         self.chunk_size = int(chunk_size or default_chunk)
+        self.precision = precision
+        self.stage_dtypes = stage_dtypes(precision, device)
+        if device.type == "cpu":  # oneDNN convolutions and group norms are fastest on NHWC tensors
+            self.model.structure.to(memory_format=torch.channels_last)
+            self.model.autoencoder.to(memory_format=torch.channels_last)
+        self._memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | None = None, chunk_size: int | None = None) -> Synthesizer:
+    def from_pretrained(
+        cls, path: str | Path, device: str | None = None, chunk_size: int | None = None, precision: str = "auto"
+    ) -> Synthesizer:
         """Load a checkpoint directory; ``device`` None picks CUDA when available, else CPU."""
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(load_checkpoint(path, dev), checkpoint_version(path), dev, chunk_size)
+        return cls(load_checkpoint(path, dev), checkpoint_version(path), dev, chunk_size, precision)
+
+    def denoise_chunk_size(self, slices: int) -> int:
+        """Slices per UNet forward: all of them when the estimated activations fit the memory budget."""
+        c = self.config.unet.base_channels * max(self.config.unet.channel_mult)
+        per_slice = 4 * 32 * c * self.config.latent_size**2  # ~32 live fp32 feature maps of the widest level
+        budget = DENOISE_MEMORY_BYTES
+        if self.device.type == "cuda":
+            budget = max(budget, int(torch.cuda.mem_get_info(self.device)[0] * 0.5))
+        return max(1, min(slices, budget // per_slice))
 
     # ------------------------------------------------------------------ helpers
 
@@ -90,8 +122,12 @@ class Synthesizer:
             )
         return out
 
-    def _autocast(self) -> torch.autocast | _Null:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _Null()
+    def _autocast(self, stage: str) -> torch.autocast:
+        dtype = self.stage_dtypes[stage]
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device).contiguous(memory_format=self._memory_format)
 
     # ------------------------------------------------------------------ API
 
@@ -141,16 +177,18 @@ class Synthesizer:
         replace_known = self.config.diffusion.replace_known if replace_known is None else replace_known
         cs = self.chunk_size
 
-        with torch.inference_mode(), self._autocast():
-            # 2. encode: F_s (and the known latents for inpainting) for all slices, chunk by chunk
+        with torch.inference_mode():
+            # 2. encode: F_s once per volume (shared by every step and sample), and the known latents for
+            # inpainting, chunk by chunk
             t0 = enter("encode")
             f_s, z_known = [], []
-            for s in range(0, n, cs):
-                xc = x[s : s + cs].to(self.device)
-                av = available_row.expand(xc.shape[0], -1).to(self.device)
-                f_s.append(self.model.condition(xc, av).float())
-                if replace_known:
-                    z_known.append(self.model.encode_latents(xc).float())
+            with self._autocast("encode"):
+                for s in range(0, n, cs):
+                    xc = self._to_device(x[s : s + cs])
+                    av = available_row.expand(xc.shape[0], -1).to(self.device)
+                    f_s.append(self.model.condition(xc, av).float().contiguous())
+                    if replace_known:
+                        z_known.append(self.model.encode_latents(xc).float().contiguous())
             f_s_all = torch.cat(f_s)
             z0_known = torch.cat(z_known) if replace_known else None
             timings["encode"] = time.perf_counter() - t0
@@ -166,27 +204,29 @@ class Synthesizer:
                         progress("denoise", min(hi, lo + (hi - lo) * (k * total + i) / (samples * total)))
 
                 sample_seed = int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0])
-                latents.append(
-                    self.model.denoise(
-                        f_s_all,
-                        steps,
-                        eta=eta,
-                        seed=sample_seed,
-                        chunk_size=cs,
-                        z0_known=z0_known,
-                        known=available_row.expand(n, -1).to(self.device) if replace_known else None,
-                        callback=on_step,
-                    ).cpu()
-                )
+                with self._autocast("denoise"):
+                    latents.append(
+                        self.model.denoise(
+                            f_s_all,
+                            steps,
+                            eta=eta,
+                            seed=sample_seed,
+                            chunk_size=self.denoise_chunk_size(n),
+                            z0_known=z0_known,
+                            known=available_row.expand(n, -1).to(self.device) if replace_known else None,
+                            callback=on_step,
+                        ).cpu()
+                    )
             timings["denoise"] = time.perf_counter() - t0
 
-            # 4. decode the targets' latents
+            # 4. decode only the targets' latents
             t0 = enter("decode")
             images = np.zeros((samples, len(target_idx), n, *x.shape[-2:]), dtype=np.float32)
-            for k, z in enumerate(latents):
-                for s in range(0, n, cs):
-                    dec = self.model.decode_latents(z[s : s + cs].to(self.device), target_idx).float().cpu()
-                    images[k, :, s : s + dec.shape[0]] = dec.permute(1, 0, 2, 3).numpy()
+            with self._autocast("decode"):
+                for k, z in enumerate(latents):
+                    for s in range(0, n, cs):
+                        dec = self.model.decode_latents(self._to_device(z[s : s + cs]), target_idx).float().cpu()
+                        images[k, :, s : s + dec.shape[0]] = dec.permute(1, 0, 2, 3).numpy()
             timings["decode"] = time.perf_counter() - t0
 
         # 5. postprocess: mean (and std) over samples, back to the reference grid
@@ -221,6 +261,7 @@ class Synthesizer:
                 "shape": list(prepared.work_shape), "affine": np.round(prepared.work_affine, 6).tolist()},
             "slices": n,
             "device": str(self.device),
+            "precision": {stage: str(dtype).removeprefix("torch.") for stage, dtype in self.stage_dtypes.items()},
         }
         return SynthesisResult(volumes=volumes, uncertainty=uncertainty, timings=timings, meta=meta)
 
@@ -231,9 +272,9 @@ class Synthesizer:
         x = torch.from_numpy(prepared.x)
         av_row = torch.tensor(prepared.available, dtype=torch.bool)
         probs = []
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast("encode"):
             for s in range(0, x.shape[0], self.chunk_size):
-                xc = x[s : s + self.chunk_size].to(self.device)
+                xc = self._to_device(x[s : s + self.chunk_size])
                 probs.append(
                     self.model.structure.segment(xc, av_row.expand(xc.shape[0], -1).to(self.device)).float().cpu()
                 )
@@ -243,9 +284,19 @@ class Synthesizer:
         }
 
 
-class _Null:
-    def __enter__(self) -> None:
-        return None
+PRECISIONS = ("auto", "fp32", "bf16")
+STAGES = ("encode", "denoise", "decode")
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+
+def stage_dtypes(precision: str, device: torch.device) -> dict[str, torch.dtype]:
+    """The compute dtype of each stage for a ``precision`` setting on ``device`` (see :class:`Synthesizer`)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    bf16, fp32 = torch.bfloat16, torch.float32
+    if precision == "fp32":
+        return dict.fromkeys(STAGES, fp32)
+    if precision == "bf16" or device.type == "cuda":
+        return dict.fromkeys(STAGES, bf16)
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return {"encode": bf16, "denoise": fp32, "decode": bf16}
+    return dict.fromkeys(STAGES, fp32)

@@ -18,7 +18,11 @@ from model.config import StructureConfig
 
 
 class ConvBlock(nn.Module):
-    """Conv -> Dropout -> InstanceNorm -> LeakyReLU(0.01); ``norm``/``act`` honoured (the authors' ignores them)."""
+    """Conv -> Dropout -> InstanceNorm -> LeakyReLU(0.01); ``norm``/``act`` honoured (the authors' ignores them).
+
+    The instance norm is ``GroupNorm(C, C)`` without affine parameters: the same function and (empty) state as
+    ``InstanceNorm2d(C)``, but native to channels-last tensors on the CPU (2-4x faster there, no layout copies).
+    """
 
     def __init__(
         self,
@@ -33,7 +37,7 @@ class ConvBlock(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, k, stride, padding=(k - 1) // 2)
         self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.norm = nn.InstanceNorm2d(c_out) if norm else nn.Identity()
+        self.norm = nn.GroupNorm(c_out, c_out, affine=False) if norm else nn.Identity()
         self.act = nn.LeakyReLU(0.01, inplace=True) if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from model.io.nifti import read_nifti, write_nifti
-from model.pipeline import Synthesizer
+from model.pipeline import PRECISIONS, Synthesizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--device", default=None)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="compute dtype per stage (docs/model.md)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         mod, path = item.split("=", 1)
         study[mod] = read_nifti(path)
     targets = [t for item in args.target for t in item.split(",") if t]
-    synth = Synthesizer.from_pretrained(args.checkpoint, device=args.device)
+    synth = Synthesizer.from_pretrained(args.checkpoint, device=args.device, precision=args.precision)
 
     def progress(phase: str, fraction: float) -> None:
         print(f"\r{phase:<12} {fraction:6.1%}", end="", file=sys.stderr, flush=True)

@@ -44,7 +44,7 @@ def _load(path: Path, expected: str | None = None) -> Synthesizer:
     from model.pipeline import Synthesizer
 
     settings = get_settings().inference
-    synth = Synthesizer.from_pretrained(path, device=settings.device)
+    synth = Synthesizer.from_pretrained(path, device=settings.device, precision=settings.precision)
     if expected is not None and synth.version != expected:
         from model.errors import CheckpointError
 

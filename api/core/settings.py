@@ -47,6 +47,8 @@ class StorageSettings(BaseModel):
 class InferenceSettings(BaseModel):
     checkpoint: Path = ROOT / "model" / "default"
     device: str | None = None  # None: cuda when present, else cpu
+    # auto: bf16 autocast on CUDA; on a bf16-capable CPU bf16 for the encoders/decoder, fp32 UNet (docs/benchmarks.md)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     default_steps: int | None = None  # None: the checkpoint's own default
     cache_dir: Path = VAR / "model-cache"  # model versions fetched from object storage, one folder each
     max_loaded_models: int = 2  # synthesizers kept in memory per worker process (LRU)

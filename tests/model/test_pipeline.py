@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +14,7 @@ from model.checkpoint import save_checkpoint
 from model.errors import StudyGeometryError, TargetError, UnknownModalityError
 from model.io.volume import Volume
 from model.msgldm import MSGLDM
-from model.pipeline import Synthesizer
+from model.pipeline import Synthesizer, stage_dtypes
 
 from .conftest import LPS, micro_config, synthetic_study
 
@@ -186,3 +187,40 @@ def test_cuda_matches_the_grid(checkpoint, study):
     assert synth.device.type == "cuda"
     res = synth.synthesize(study, ["flair"], steps=2, samples=2)
     assert res.volumes["flair"].shape == (40, 44, 10) and res.uncertainty is not None
+
+
+SAMPLE = Path(__file__).parents[2] / "samples" / "tcga-du-7294" / "TCGA-DU-7294"
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 support")
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_bf16_agrees_with_fp32(precision):
+    """The trained tiny default model on real slices: bf16 stages change the output by < -40 dB of its range."""
+    from model.io.nifti import read_nifti
+
+    study = {}
+    for m, suffix in (("t1", "t1"), ("t1ce", "t1c"), ("t2", "t2")):
+        v = read_nifti(f"{SAMPLE}_{suffix}.nii.gz")
+        study[m] = Volume(data=v.data[..., 64:72], affine=v.affine, meta=v.meta)
+    checkpoint = Path(__file__).parents[2] / "model" / "default"
+    ref = Synthesizer.from_pretrained(checkpoint, device="cpu", precision="fp32")
+    low = Synthesizer.from_pretrained(checkpoint, device="cpu", precision=precision)
+    a = ref.synthesize(study, ["flair"], steps=5, seed=0)
+    b = low.synthesize(study, ["flair"], steps=5, seed=0)
+    assert set(a.meta["precision"].values()) == {"float32"} and "bfloat16" in b.meta["precision"].values()
+    brain = study["t1"].data > 0
+    x, y = a.volumes["flair"].data[brain], b.volumes["flair"].data[brain]
+    assert x.std() > 0.05  # a real image, not a constant
+    psnr = 10 * np.log10(1.0 / np.mean((x - y) ** 2))
+    assert psnr > 40.0, psnr
+
+
+def test_stage_precisions():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert set(stage_dtypes("fp32", cuda).values()) == {torch.float32}
+    assert set(stage_dtypes("auto", cuda).values()) == set(stage_dtypes("bf16", cpu).values()) == {torch.bfloat16}
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert stage_dtypes("auto", cpu) == {"encode": torch.bfloat16, "denoise": torch.float32,
+                                             "decode": torch.bfloat16}
+    with pytest.raises(ValueError, match="precision"):
+        stage_dtypes("fp16", cpu)
