@@ -11,6 +11,7 @@ reference). Slice geometry (order, uniform spacing, gantry tilt, repeated positi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -25,7 +26,8 @@ from typing import IO, Any, BinaryIO
 import pydicom
 from pydicom.dataset import Dataset
 
-from api.core.settings import DicomSettings
+from api.core.sandbox import SandboxError, run_limited
+from api.core.settings import ApiSettings, DicomSettings
 from api.errors import ProblemError
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -247,6 +249,31 @@ def inspect_dicom_upload(uploads: Sequence[tuple[str, BinaryIO]], *, modalities:
         for df in files:
             df.file.close()
         raise
+
+
+def inspect_dicom_upload_limited(uploads: Sequence[tuple[str, BinaryIO]], *, modalities: Sequence[str],
+                                 series_map: str | None, cfg: DicomSettings, max_voxels: int,
+                                 limits: ApiSettings) -> DicomUpload:
+    """:func:`inspect_dicom_upload`, first run in the sandbox's forked child under ``limits``' memory, CPU and time
+    caps, so that a parser bug on hostile bytes costs that child (422 ``parse_limit_exceeded``/``parse_failed``),
+    never the API. The child only says whether parsing survived; a refusal is then reproduced in-process, with
+    its full details (the series found, the rule outcomes), by the same function."""
+
+    def preflight() -> bool:
+        with contextlib.suppress(ProblemError):  # a documented refusal: the in-process pass raises it with details
+            inspect_dicom_upload(uploads, modalities=modalities, series_map=series_map, cfg=cfg,
+                                 max_voxels=max_voxels).close()
+        return True
+
+    try:
+        run_limited(preflight, memory_bytes=limits.parse_memory_bytes, cpu_seconds=limits.parse_cpu_seconds,
+                    timeout=limits.parse_timeout_seconds)
+    except SandboxError as exc:
+        raise _problem(exc.code, f"DICOM upload: {exc.detail}") from None
+    finally:
+        for _, f in uploads:  # on-disk spooled uploads share their file offset with the child
+            f.seek(0)
+    return inspect_dicom_upload(uploads, modalities=modalities, series_map=series_map, cfg=cfg, max_voxels=max_voxels)
 
 
 def _map_series(files: list[DicomFile], modalities: Sequence[str], explicit: dict[str, str], cfg: DicomSettings,

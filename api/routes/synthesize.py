@@ -25,7 +25,7 @@ from api.core.serving import ModelUnavailable, serving_modalities
 from api.core.settings import get_settings
 from api.core.storage import Storage
 from api.deps import SessionDep, StorageDep
-from api.dicom import DicomUpload, inspect_dicom_upload
+from api.dicom import DicomUpload, inspect_dicom_upload_limited
 from api.errors import ProblemError, unavailable
 from api.schemas import PROBLEM_RESPONSES, JobAccepted, Problem
 from api.uploads import check_same_space, hash_upload, inspect_nifti
@@ -256,9 +256,9 @@ async def synthesize(request: Request, response: Response, session: SessionDep, 
             raise ProblemError(422, "invalid_series_map", "series_map given without DICOM files", field="series_map")
         if dicom_files:
             uploads = [(f.filename or f"{DICOM_FIELD}[{i}]", f.file) for i, f in enumerate(dicom_files)]
-            dicom = await run_in_threadpool(inspect_dicom_upload, uploads, modalities=modalities,
+            dicom = await run_in_threadpool(inspect_dicom_upload_limited, uploads, modalities=modalities,
                                             series_map=fields.get("series_map"), cfg=settings.dicom,
-                                            max_voxels=settings.api.max_volume_voxels)
+                                            max_voxels=settings.api.max_volume_voxels, limits=settings.api)
         req = parse_request(files, fields, modalities, dicom)
         job = await run_in_threadpool(create_job, session, storage, key, files, req, idempotency_key, dicom)
     finally:

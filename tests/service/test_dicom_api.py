@@ -95,11 +95,19 @@ def test_zip_safety(app_client, stack, monkeypatch):
     monkeypatch.setenv("MSGLDM_DICOM__MAX_UNCOMPRESSED_BYTES", str(1024 * 1024))  # the series is ~10 MB
     clear_caches()
     assert_problem(post(sagittal_zip()), 422, "zip_too_large")
-    # nothing half-made
+    # the inspection runs first in the sandbox's child: a parse that outlives its limits costs the child only
+    monkeypatch.setenv("MSGLDM_DICOM__MAX_UNCOMPRESSED_BYTES", str(2**31))
+    monkeypatch.setenv("MSGLDM_API__PARSE_TIMEOUT_SECONDS", "0.001")
+    clear_caches()
+    assert_problem(post(sagittal_zip()), 422, "parse_limit_exceeded")
+    monkeypatch.setenv("MSGLDM_API__PARSE_TIMEOUT_SECONDS", "60")
+    clear_caches()
+    assert post(sagittal_zip(), targets="flair").status_code == 202  # and the API still serves
+    # nothing half-made by the refusals
     from api.core.storage import get_storage
 
-    assert app_client.get("/api/v1/jobs", headers=auth(key)).json()["items"] == []
-    assert get_storage().list_keys("jobs/") == []
+    jobs = app_client.get("/api/v1/jobs", headers=auth(key)).json()["items"]
+    assert len(jobs) == 1 and {k.split("/")[1] for k in get_storage().list_keys("jobs/")} == {jobs[0]["id"]}
 
 
 @requires_sagittal
