@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import nibabel as nib
 import numpy as np
+from nibabel.volumeutils import endian_codes
 
 from api.core.sandbox import Rejected, SandboxError, run_limited
 from api.core.settings import get_settings
@@ -71,6 +74,24 @@ def _check_header(header: nib.Nifti1Header, max_voxels: int) -> tuple[tuple[int,
     return shape, dtype, offset, voxels
 
 
+def _check_extensions(header: nib.Nifti1Header, start: bytes, offset: int) -> None:
+    """Parse the header extensions exactly as ``nibabel.load`` does (its own parser, on the bytes up to the voxel
+    offset), so that a file accepted here is a file the worker can open."""
+    size = int(header.sizeof_hdr)
+    flag = start[size:size + 4]
+    if len(flag) < 4 or flag[:1] == b"\0":
+        return  # no extensions
+    if offset < size + 4:
+        raise Rejected("invalid_nifti", f"header extensions are flagged but the voxel data start at byte {offset}")
+    byteswap = endian_codes["native"] != header.endianness
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nibabel warns about sizes that are not multiples of 16
+            type(header).exts_klass.from_fileobj(io.BytesIO(start[size + 4:offset]), offset - size - 4, byteswap)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises several types for a malformed extension
+        raise Rejected("invalid_nifti", f"malformed header extension ({exc})") from None
+
+
 def _scan(f: BinaryIO, max_voxels: int) -> dict:
     """The sandboxed check of one file: returns {shape, affine} or raises Rejected."""
     f.seek(0)
@@ -83,12 +104,15 @@ def _scan(f: BinaryIO, max_voxels: int) -> dict:
         head = stream.read(540)
         header = _read_header(head)
         shape, dtype, offset, voxels = _check_header(header, max_voxels)
+        parts = [head[:offset]]
         read = len(head)
-        while read < offset:  # skip extensions
-            skipped = len(stream.read(min(BLOCK, offset - read)))
-            if not skipped:
+        while read < offset:  # the header extensions, checked below as the worker's nibabel.load will parse them
+            part = stream.read(min(BLOCK, offset - read))
+            if not part:
                 break
-            read += skipped
+            parts.append(part)
+            read += len(part)
+        _check_extensions(header, b"".join(parts), offset)
         expected = voxels * dtype.itemsize
         block = head[offset:offset + expected]  # voxel bytes that were read with the header, if any
         seen, useful, carry = len(block), 0, b""

@@ -84,6 +84,7 @@ def catalogue() -> dict[str, tuple[list, dict, int, str]]:
         "all zero": ([("t1", ("t1.nii.gz", nifti(np.zeros(SHAPE, np.int16))))], {}, 422, "empty_volume"),
         "not co-registered": ([("t1", ("t1.nii.gz", good)), ("t2", ("t2.nii.gz", nifti(volume(), shifted)))], {},
                               422, "grid_mismatch"),
+        "malformed header extension": ([("t1", ("t1.nii", with_broken_extension()))], {}, 422, "invalid_nifti"),
         "valid file with a header extension (accepted)": ([("t1", ("t1.nii", with_extension()))], {"targets": "t2"},
                                                           202, ""),
         "unknown modality field": ([("dwi", ("dwi.nii.gz", good))], {}, 422, "unknown_modality"),
@@ -203,6 +204,13 @@ def with_extension() -> bytes:
     img = nib.Nifti1Image(volume(), np.eye(4))
     img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"x" * 4000))
     return img.to_bytes()
+
+
+def with_broken_extension() -> bytes:
+    """The file above with its extension's declared size past the voxel offset: nibabel.load cannot open it."""
+    data = bytearray(with_extension())
+    data[352:356] = (1 << 20).to_bytes(4, "little")  # esize of the first extension
+    return bytes(data)
 
 
 VALID = {1: nifti(volume(), gz=False), 2: nifti(volume(), gz=False, klass=nib.Nifti2Image), 3: with_extension()}
