@@ -1,13 +1,23 @@
-"""Session fixtures shared by tests/service and tests/ui: a tiny model checkpoint and an S3 server."""
+"""Session fixtures shared by tests/service and tests/ui: a tiny model checkpoint and an S3 server; the
+hypothesis profile."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.service.conftest import free_port
+
+# CI (CI=true, as .ci/run is called) replays the same examples every run, so that a red build always means a
+# change broke something; on a developer's machine the property tests keep exploring new examples.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
+
 
 
 @pytest.fixture(scope="session")
