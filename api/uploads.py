@@ -78,7 +78,7 @@ def _check_extensions(header: nib.Nifti1Header, start: bytes, offset: int) -> No
     """Parse the header extensions exactly as ``nibabel.load`` does (its own parser, on the bytes up to the voxel
     offset), so that a file accepted here is a file the worker can open."""
     size = int(header.sizeof_hdr)
-    flag = start[size:size + 4]
+    flag = start[size:size + 4]  # `start` holds at least the 540 bytes read for the header, whatever the offset
     if len(flag) < 4 or flag[:1] == b"\0":
         return  # no extensions
     if offset < size + 4:
@@ -104,7 +104,7 @@ def _scan(f: BinaryIO, max_voxels: int) -> dict:
         head = stream.read(540)
         header = _read_header(head)
         shape, dtype, offset, voxels = _check_header(header, max_voxels)
-        parts = [head[:offset]]
+        parts = [head]
         read = len(head)
         while read < offset:  # the header extensions, checked below as the worker's nibabel.load will parse them
             part = stream.read(min(BLOCK, offset - read))
