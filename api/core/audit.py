@@ -8,11 +8,18 @@ never patient data.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from api.core.models import ApiKey, AuditEvent
+
+VIEW_EVERY_SECONDS = 300  # a key polling a job is one `job.view` per job and 5 minutes (per API process)
+_views: OrderedDict[tuple[str, str], float] = OrderedDict()
+_views_lock = threading.Lock()
 
 
 def record(session: Session, key: ApiKey | None, action: str, target_type: str, target_id: str | None,
@@ -24,3 +31,18 @@ def record(session: Session, key: ApiKey | None, action: str, target_type: str, 
     session.add(event)
     session.commit()
     return event
+
+
+def record_view(session: Session, key: ApiKey, job_id: str) -> None:
+    """``job.view``, at most once per key, job and ``VIEW_EVERY_SECONDS``: status polling every second would
+    otherwise write (and commit) an audit row per poll, the largest cost of a status request."""
+    now = time.monotonic()
+    with _views_lock:
+        last = _views.get((key.id, job_id))
+        if last is not None and now - last < VIEW_EVERY_SECONDS:
+            return
+        _views[(key.id, job_id)] = now
+        _views.move_to_end((key.id, job_id))
+        while len(_views) > 100_000:
+            _views.popitem(last=False)
+    record(session, key, "job.view", "job", job_id)

@@ -89,7 +89,7 @@ def list_jobs(session: SessionDep, key: KeyDep,
 def get_job(job_id: str, session: SessionDep, key: KeyDep) -> JobPublic:
     """A job's state, progress, queue position and result links."""
     job = visible_job(session, key, job_id)
-    audit.record(session, key, "job.view", "job", job.id)
+    audit.record_view(session, key, job.id)
     return to_public(session, job)
 
 
