@@ -20,6 +20,7 @@ from api.core import jobs as job_states
 from api.core.jobs import JobNotFound
 from api.core.models import ApiKey, Job, JobStatus, Role
 from api.core.queue import publish_synthesis
+from api.core.storage import Storage
 from api.deps import SessionDep, StorageDep
 from api.errors import ProblemError
 from api.schemas import JOB_EXAMPLE, PROBLEM_RESPONSES, JobError, JobList, JobPublic, Problem
@@ -104,12 +105,17 @@ async def get_result(job_id: str, name: str, session: SessionDep, storage: Stora
     if obj_key is None:
         raise ProblemError(404, "result_not_found", f"job {job_id} has no result {name!r}"
                            + ("" if job.status == JobStatus.succeeded else f" (the job is {job.status})"))
-    size = await run_in_threadpool(storage.size, obj_key)
     await run_in_threadpool(audit.record, session, key, "result.download", "job", job.id, {"name": name})
+    return await _stream(storage, obj_key, f"{job_id[:8]}-{name}")
+
+
+async def _stream(storage: Storage, obj_key: str, filename: str) -> StreamingResponse:
+    """A stored object as a download, streamed in chunks; the media type follows the file name."""
+    size = await run_in_threadpool(storage.size, obj_key)
     chunks = await run_in_threadpool(storage.open_stream, obj_key)
-    media = next((t for suffix, t in MEDIA_TYPES.items() if name.endswith(suffix)), "application/octet-stream")
+    media = next((t for suffix, t in MEDIA_TYPES.items() if filename.endswith(suffix)), "application/octet-stream")
     return StreamingResponse(chunks, media_type=media, headers={
-        "Content-Disposition": f'attachment; filename="{job_id[:8]}-{name}"', "Content-Length": str(size)})
+        "Content-Disposition": f'attachment; filename="{filename}"', "Content-Length": str(size)})
 
 
 @router.get("/{job_id}/inputs/{modality}", responses={
@@ -124,13 +130,8 @@ async def get_input(job_id: str, modality: str, session: SessionDep, storage: St
         raise ProblemError(404, "input_not_found", f"job {job_id} has no input {modality!r} "
                            f"(inputs: {', '.join(job.inputs) or 'none'})")
     obj_key = info["key"]
-    size = await run_in_threadpool(storage.size, obj_key)
-    chunks = await run_in_threadpool(storage.open_stream, obj_key)
     name = f"{modality}{''.join(PurePosixPath(obj_key).suffixes[-2:]) or '.nii'}"
-    media = "application/gzip" if name.endswith(".gz") else "application/octet-stream"
-    return StreamingResponse(chunks, media_type=media,
-                             headers={"Content-Disposition": f'attachment; filename="{job_id[:8]}-input-{name}"',
-                                      "Content-Length": str(size)})
+    return await _stream(storage, obj_key, f"{job_id[:8]}-input-{name}")
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses={
