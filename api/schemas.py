@@ -170,6 +170,17 @@ class HistoryEntry(BaseModel):
     val: dict[str, float]
 
 
+class GateResult(BaseModel):
+    """A check between training stages (docs/model.md "Gates"), computed by the trainer on the validation split."""
+
+    stage: int
+    name: str
+    value: float
+    threshold: float
+    passed: bool
+    detail: dict[str, Any] = {}
+
+
 class TrainingRunPublic(BaseModel):
     id: str
     status: str = Field(description="queued, running, succeeded, failed or cancelled")
@@ -182,6 +193,8 @@ class TrainingRunPublic(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     history: list[HistoryEntry]
+    gates: dict[str, GateResult] = Field(default_factory=dict, description="by stage ('stage0', ...): the trainer's "
+                                          "gates; a failed gate stops the run with error_code training_error")
     log_tail: str
     checkpoint: dict[str, Any] | None = Field(description="the last checkpoint in object storage: {stage, step}")
     model_version: str | None

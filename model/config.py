@@ -119,6 +119,9 @@ class StructureConfig:
     msse_heads: int = 4
     msse_alpha_init: float = 0.5
     msse_alpha_learnable: bool = True  # paper: learnable; authors: fixed 0.5
+    # how the finer scales reach the deepest grid: authors' bilinear (no antialiasing: 192 -> 24 reads 2x2 of every
+    # 8x8 block) | area (box average over each block; docs/model.md "Measured changes")
+    msse_resize: Literal["bilinear", "area"] = "bilinear"
     style_dim: int = 8
     style_base_channels: int = 32
     style_downsamples: int = 4
@@ -131,6 +134,9 @@ class StructureConfig:
     seg_bce_weight: float = 1.0  # L_seg = bce_weight * BCE + (1 - soft Dice)
     sc_weight: float = 0.1
     sa_weight: float = 1.0
+    # the DCT term of L_sa: SSIM of the DCT amplitudes with data range max - min (authors; dominated by the DC
+    # coefficient, a sigma-2 blur scores 0.007) | of log(1 + amplitude) normalised per image to [0, 1]
+    sa_dct: Literal["amplitude", "log_amplitude"] = "amplitude"
     kl_weight: float = 0.05
     tau_init: float = 1.0 / 0.07  # style-consistency temperature (learnable, clamped to [1, tau_max])
     tau_max: float = 100.0
@@ -143,6 +149,10 @@ class StructureConfig:
         _check(
             self.hfib_fusion in ("add", "concat"), f"structure.hfib_fusion must be add|concat, got {self.hfib_fusion!r}"
         )
+        _check(self.msse_resize in ("bilinear", "area"), f"structure.msse_resize must be bilinear|area, "
+               f"got {self.msse_resize!r}")
+        _check(self.sa_dct in ("amplitude", "log_amplitude"), f"structure.sa_dct must be amplitude|log_amplitude, "
+               f"got {self.sa_dct!r}")
         _check(
             self.channels[-1] % self.msse_heads == 0,
             f"structure.channels[-1]={self.channels[-1]} must be divisible by msse_heads={self.msse_heads}",
@@ -190,8 +200,11 @@ class DiffusionConfig:
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"  # linear in sqrt(beta) (CompVis "linear")
-    prediction: Literal["epsilon", "sample"] = "epsilon"  # what the UNet predicts: eps (paper) or z0 ("sample")
+    # what the UNet predicts: eps (paper) | z0 ("sample") | v = sqrt(abar) eps - sqrt(1 - abar) z0 (Salimans 2022)
+    prediction: Literal["epsilon", "sample", "v"] = "epsilon"
     latent_scale: float = 1.0  # authors: no latent std scaling with the VQ autoencoder
+    latent_scale_from_data: bool = False  # the trainer sets latent_scale = 1/std(z) of the training latents (KL)
+    missing_weight: float = 1.0  # stage-2 loss weight of the missing modalities' latent channels (paper: 1)
     ema_decay: float = 0.9999
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -210,7 +223,11 @@ class DiffusionConfig:
             f"default_steps={self.default_steps} must lie in [1, {self.num_train_timesteps}]",
         )
         _check(0.0 <= self.eta <= 1.0, f"eta must lie in [0, 1], got {self.eta}")
-        _check(self.prediction in ("epsilon", "sample"), f"prediction must be epsilon|sample, got {self.prediction!r}")
+        _check(
+            self.prediction in ("epsilon", "sample", "v"),
+            f"prediction must be epsilon|sample|v, got {self.prediction!r}",
+        )
+        _check(self.latent_scale > 0 and self.missing_weight > 0, "latent_scale and missing_weight must be positive")
 
 
 @dataclass(frozen=True)
@@ -218,8 +235,15 @@ class TrainConfig:
     """Training loop defaults (overridable from the command line)."""
 
     batch_size: int = 9
+    stage_batch_sizes: tuple[int, ...] = ()  # per stage (0, 1, 2), overriding batch_size; empty: batch_size for all
     crop_stage0: int = 0  # random in-plane crop for stages 0-1 (0: whole slice); the authors crop in stage 0
     crop_stage1: int = 0  # (fully convolutional parts; MSSE then attends over a smaller grid)
+    stage1_full_steps: int = 0  # the last N steps of stage 1 on whole slices (F_s of a crop != F_s of the slice)
+    stage1_full_batch: int = 0  # batch size of those steps (0: batch_size)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # per stage, after warmup_steps of linear warm-up
+    warmup_steps: int = 0
+    cpu_bf16: bool = False  # bf16 autocast on the CPU in stages 0-1 (CUDA always uses bf16)
+    fs_cache_subsets: int = 0  # stage 2: F_s precomputed for this many random input subsets per slice (0: on the fly)
     stage0_steps: int = 100_000
     stage1_steps: int = 50_000
     stage2_steps: int = 100_000
@@ -231,6 +255,18 @@ class TrainConfig:
     num_workers: int = 0
     val_fraction: float = 0.1
     seed: int = 0
+    test_fraction: float = 0.0  # subject-level test split, never trained on (with test_cases always in it)
+    test_cases: tuple[str, ...] = ()  # case ids always held out for testing
+    gates: bool = True  # stop between stages when a gate fails (docs/model.md "Gates"); --ignore-gates overrides
+    gate_stage0_psnr: float = 28.0  # validation brain PSNR (dB) of the autoencoder
+    gate_stage2_spread: float = 0.3  # PSNR spread (dB) across input subsets
+    gate_stage2_ratio: float = 0.5  # z0 error at t = T-1 / error of the mean latent
+
+    def __post_init__(self) -> None:
+        _check(len(self.stage_batch_sizes) in (0, 3), f"train.stage_batch_sizes needs 3 values (stages 0, 1, 2), "
+               f"got {self.stage_batch_sizes}")
+        _check(self.lr_schedule in ("constant", "cosine"), f"train.lr_schedule must be constant|cosine, "
+               f"got {self.lr_schedule!r}")
 
 
 @dataclass(frozen=True)

@@ -220,12 +220,19 @@ def _cases_in_folder(folder: Path, names: list[str], ixi_files: dict[str, dict[s
 
 
 def split_cases(
-    cases: Sequence[Case], *, seed: int, val_fraction: float = 0.2, test_fraction: float = 0.0
+    cases: Sequence[Case],
+    *,
+    seed: int,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    test_cases: Sequence[str] = (),
 ) -> dict[str, list[Case]]:
     """Subject-level split into ``train``/``val``/``test``: all time points of a subject go to one split.
 
     Deterministic for a given seed and set of cases (the order the cases come in does not matter). A
-    non-zero fraction gets at least one subject while leaving at least one for training.
+    non-zero fraction gets at least one subject while leaving at least one for training. The subjects of
+    ``test_cases`` (case ids; those not among ``cases`` are ignored) are always in the test split, counted in its
+    fraction; the rest of it is drawn at random.
     """
     if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
         raise DatasetError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in [0, 1) "
@@ -234,14 +241,17 @@ def split_cases(
     if len(set(ids)) != len(ids):
         dup = sorted(i for i, n in Counter(ids).items() if n > 1)
         raise DatasetError(f"duplicate case ids cannot be split: {dup}")
+    forced = sorted({c.subject for c in cases if c.id in set(test_cases)})
     subjects = sorted({c.subject for c in cases})
     order = np.random.default_rng(seed).permutation(len(subjects))
     n = len(subjects)
+    # forced test subjects first, then the others in the seeded order
+    order = [subjects.index(s) for s in forced] + [int(i) for i in order if subjects[i] not in forced]
 
     def count(fraction: float) -> int:
         return 0 if fraction == 0 or n < 2 else max(1, round(n * fraction))
 
-    n_test = count(test_fraction)
+    n_test = max(count(test_fraction), len(forced))
     n_val = min(count(val_fraction), max(n - 1 - n_test, 0))
     n_test = min(n_test, max(n - 1, 0))
     test = {subjects[i] for i in order[:n_test]}

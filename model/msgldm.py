@@ -63,24 +63,34 @@ class MSGLDM(nn.Module):
 
     def diffusion_training_loss(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | None,
         available: torch.Tensor,
         generator: torch.Generator | None = None,
         z0: torch.Tensor | None = None,
+        f_s: torch.Tensor | None = None,
+        unet: nn.Module | None = None,
     ) -> torch.Tensor:
-        """Paper Eq. 1 with the frozen stages 0-1:
+        """Paper Eq. 1 with the frozen stages 0-1 (the one stage-2 loss: the trainer calls it too):
 
-        1. ``z0`` = latents of all M modalities (the joint target), ``f_s`` from the available ones;
+        1. ``z0`` = latents of all M modalities (the joint target), ``f_s`` from the available ones (either may be
+           passed in precomputed: the trainer's caches; then ``x`` may be None);
         2. ``t ~ U{0..T-1}``, ``eps ~ N(0, I)``, ``z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps``;
-        3. ``|| eps - eps_theta([z_t, f_s], t) ||^2``.
+        3. ``|| target - net([z_t, f_s], t) ||^2`` with target ``eps`` (paper), ``z0`` or ``v`` (``prediction``),
+           the missing modalities' latent channels weighted by ``missing_weight`` (paper: 1, a plain mean).
+        ``unet`` replaces ``self.unet`` (a DDP-wrapped copy, or the EMA shadow in validation).
         """
         with torch.no_grad():
-            z0 = self.encode_latents(x) if z0 is None else z0  # (cached latents may be passed in)
-            f_s = self.condition(x, available)
-        t = torch.randint(0, self.scheduler.num_train_timesteps, (x.shape[0],), generator=generator).to(x.device)
+            z0 = self.encode_latents(x) if z0 is None else z0
+            f_s = self.condition(x, available) if f_s is None else f_s
+        t = torch.randint(0, self.scheduler.num_train_timesteps, (z0.shape[0],), generator=generator).to(z0.device)
         eps = torch.randn(z0.shape, generator=generator).to(z0)
         z_t = self.scheduler.add_noise(z0, eps, t)
-        return diffusion_loss(self.unet(z_t, t, f_s), eps if self.cfg.diffusion.prediction == "epsilon" else z0)
+        weight = None
+        if self.cfg.diffusion.missing_weight != 1.0:
+            missing = 1.0 - self.latent_mask(available.to(z0.device)).to(z0)
+            weight = 1.0 + (self.cfg.diffusion.missing_weight - 1.0) * missing
+        net = self.unet if unet is None else unet
+        return diffusion_loss(net(z_t, t, f_s.to(z0)), self.scheduler.target(z0, eps, t), weight)
 
     def denoise(
         self,

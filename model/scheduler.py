@@ -45,12 +45,25 @@ class DDIMScheduler:
         ts = [min(t, T - 1) for t in ts]
         return ts[::-1]
 
+    def target(self, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet is trained to output at ``t`` for the configured ``prediction``: ``eps``, ``z0`` or
+        ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0``."""
+        if self.cfg.prediction == "epsilon":
+            return eps
+        if self.cfg.prediction == "sample":
+            return z0
+        a = self._abar(t, z0)
+        return a.sqrt() * eps - (1.0 - a).sqrt() * z0
+
     def to_eps(self, model_out: torch.Tensor, t: int, z_t: torch.Tensor) -> torch.Tensor:
-        """The UNet's output as a noise estimate: itself (``epsilon``) or, for ``sample`` (z0) prediction,
-        ``eps = (z_t - sqrt(abar_t) z0_hat) / sqrt(1 - abar_t)``."""
+        """The UNet's output as a noise estimate: itself (``epsilon``); for ``sample`` (z0) prediction
+        ``eps = (z_t - sqrt(abar_t) z0_hat) / sqrt(1 - abar_t)``; for ``v``, ``eps = sqrt(abar_t) v + sqrt(1 - abar_t)
+        z_t``."""
         if self.cfg.prediction == "epsilon":
             return model_out
         a_t = float(self.alphas_cumprod[t])
+        if self.cfg.prediction == "v":
+            return a_t**0.5 * model_out + (1.0 - a_t) ** 0.5 * z_t
         return (z_t - a_t**0.5 * model_out) / (1.0 - a_t) ** 0.5
 
     def step(

@@ -143,10 +143,16 @@ class MSSE(nn.Module):
     """
 
     def __init__(
-        self, channels: tuple[int, ...], heads: int = 4, alpha_init: float = 0.5, alpha_learnable: bool = True
+        self,
+        channels: tuple[int, ...],
+        heads: int = 4,
+        alpha_init: float = 0.5,
+        alpha_learnable: bool = True,
+        resize: str = "bilinear",
     ) -> None:
         super().__init__()
         c = channels[-1]
+        self.resize = resize
         self.proj = nn.ModuleList(nn.Conv2d(ci, c, 1) for ci in channels[:-1])
         self.norm_q, self.norm_kv = nn.LayerNorm(c), nn.LayerNorm(c)
         self.attn = nn.MultiheadAttention(c, heads, batch_first=True)
@@ -157,13 +163,15 @@ class MSSE(nn.Module):
         else:
             self.register_buffer("alpha", alpha)
 
+    def _resize(self, f: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if self.resize == "area":  # box average over each (H/h x W/w) block: no aliasing
+            return F.adaptive_avg_pool2d(f, size)
+        return F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+
     def forward(self, fused: list[torch.Tensor]) -> torch.Tensor:
         f_l = fused[-1]
         b, c, h, w = f_l.shape
-        guidance = sum(
-            F.interpolate(p(f), size=(h, w), mode="bilinear", align_corners=False)
-            for p, f in zip(self.proj, fused[:-1], strict=True)
-        )
+        guidance = sum(self._resize(p(f), (h, w)) for p, f in zip(self.proj, fused[:-1], strict=True))
         q = self.norm_q(f_l.flatten(2).transpose(1, 2))
         kv = self.norm_kv(guidance.flatten(2).transpose(1, 2))
         a, _ = self.attn(q, kv, kv, need_weights=False)
@@ -287,7 +295,11 @@ class StructureModel(nn.Module):
             for _ in range(num_modalities)
         )
         self.mmsf = nn.ModuleList(MMSF(num_modalities, c) for c in ch) if cfg.mmsf else None
-        self.msse = MSSE(ch, cfg.msse_heads, cfg.msse_alpha_init, cfg.msse_alpha_learnable) if cfg.msse else None
+        self.msse = (
+            MSSE(ch, cfg.msse_heads, cfg.msse_alpha_init, cfg.msse_alpha_learnable, cfg.msse_resize)
+            if cfg.msse
+            else None
+        )
         self.style_encoders = nn.ModuleList(
             StyleEncoder(1, cfg.style_base_channels, cfg.style_downsamples, cfg.style_dim)
             for _ in range(num_modalities)
@@ -312,22 +324,26 @@ class StructureModel(nn.Module):
         3. fuse per scale with MMSF (or mean over available modalities when ``mmsf`` is off);
         4. MSSE -> ``f_s (B, C_L, H/8, W/8)``.
         """
-        avail = available.to(dtype=x.dtype, device=x.device)
-        per_mod: list[list[torch.Tensor]] = []
-        for j, enc in enumerate(self.encoders):
-            if bool(available[:, j].any()):
-                feats = enc(x[:, j : j + 1])
-                feats = [f * avail[:, j, None, None, None] for f in feats]
-            else:
-                feats = None
-            per_mod.append(feats)  # type: ignore[arg-type]
-        template = next(f for f in per_mod if f is not None) if any(f is not None for f in per_mod) else None
+        return self.fuse(self.modality_features(x, available), available)
+
+    def modality_features(self, x: torch.Tensor, available: torch.Tensor) -> list[list[torch.Tensor] | None]:
+        """Step 1: every scale's features of each modality available anywhere in the batch (None: not run). They
+        do not depend on which other modalities are available, so one pass serves every input subset."""
+        return [enc(x[:, j : j + 1]) if bool(available[:, j].any()) else None for j, enc in enumerate(self.encoders)]
+
+    def fuse(self, per_mod: list[list[torch.Tensor] | None], available: torch.Tensor) -> dict[str, object]:
+        """Steps 2-4 of :meth:`encode_structure` on :meth:`modality_features`' output."""
+        template = next((f for f in per_mod if f is not None), None)
         if template is None:
             raise ValueError("encode_structure needs at least one available modality")
-        per_mod = [f if f is not None else [torch.zeros_like(t) for t in template] for f in per_mod]
+        avail = available.to(dtype=template[0].dtype, device=template[0].device)
+        feats_by_mod = [
+            [t * avail[:, j, None, None, None] for t in f] if f is not None else [torch.zeros_like(t) for t in template]
+            for j, f in enumerate(per_mod)
+        ]
         fused, gates = [], []
         for level in range(len(self.cfg.channels)):
-            feats = [per_mod[j][level] for j in range(self.m)]
+            feats = [feats_by_mod[j][level] for j in range(self.m)]
             if self.mmsf is not None:
                 f, g = self.mmsf[level](feats)
             else:

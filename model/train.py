@@ -52,14 +52,26 @@ STEP_HOOK: Callable[[int, int], None] | None = None  # (stage, step) after each 
 
 
 class Run:
-    """Process-wide training context: device, DDP rank, logging."""
+    """Process-wide training context: device, DDP rank, logging, and the run's progress file.
+
+    ``OUT/progress.json`` is the trainer's own account of the run, rewritten (atomically) with every log event, for
+    whoever follows it (the service's training worker reads it; nothing re-derives the trainer's arithmetic):
+    ``{"stages": {"0": {"step", "steps", "finished"}, ...}, "stage": current, "history": [one entry per validation:
+    stage, step, epoch, the latest training losses, the validation metrics], "gates": {"stage0": {...}, ...}}``.
+    A resumed run continues the file it finds.
+    """
 
     def __init__(self, out: Path, device: torch.device, rank: int, world: int) -> None:
         self.out, self.device, self.rank, self.world = out, device, rank, world
         self.t0 = time.time()
         self.tb = None
+        self.progress: dict = {"stages": {}, "stage": None, "history": [], "gates": {}}
+        self._losses: dict[int, dict] = {}
+        self._per_epoch: dict[int, float] = {}
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError, ValueError):
+                self.progress |= json.loads((out / "progress.json").read_text())
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -70,6 +82,14 @@ class Run:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def begin_stage(self, stage: int, steps: int, batch: int, slices: int) -> None:
+        """Record a stage's target before it trains (``slices`` per epoch, ``batch`` per process)."""
+        self._per_epoch[stage] = slices / max(batch * self.world, 1)
+        entry = self.progress["stages"].setdefault(str(stage), {"step": 0, "finished": False})
+        entry["steps"] = steps
+        self.progress["stage"] = stage
+        self._write_progress()
 
     def log(self, record: dict) -> None:
         if not self.is_main:
@@ -82,10 +102,43 @@ class Run:
             for k, v in record.items():
                 if isinstance(v, float | int) and k not in ("stage", "step", "time"):
                     self.tb.add_scalar(f"stage{record['stage']}/{split}/{k}", v, record["step"])
+        self._track(record)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def _track(self, r: dict) -> None:
+        stage, split = r["stage"], r.get("split")
+        entry = self.progress["stages"].setdefault(str(stage), {"step": 0, "finished": False})
+        entry["step"] = max(entry.get("step", 0), int(r.get("step", 0)))
+        numbers = {k: v for k, v in r.items() if k not in ("time", "stage", "step", "split") and _number(v)}
+        if split == "train":
+            self._losses[stage] = numbers
+        elif split == "val":
+            per_epoch = self._per_epoch.get(stage)
+            self.progress["history"].append(
+                {
+                    "stage": stage,
+                    "step": r["step"],
+                    "epoch": round(r["step"] / per_epoch, 3) if per_epoch else None,
+                    "losses": self._losses.get(stage, {}),
+                    "val": numbers,
+                }
+            )
+        elif split == "summary":
+            entry["finished"] = True
+        elif split == "gate":
+            self.progress["gates"][f"stage{stage}"] = {k: v for k, v in r.items() if k not in ("time", "split")}
+        self._write_progress()
+
+    def _write_progress(self) -> None:
+        tmp = self.out / "progress.json.tmp"
+        tmp.write_text(json.dumps(self.progress, indent=1) + "\n")
+        os.replace(tmp, self.out / "progress.json")
+
+    def autocast(self, cpu_bf16: bool = False) -> contextlib.AbstractContextManager:
+        """bf16 autocast on CUDA always, on the CPU when ``cpu_bf16`` (``train.cpu_bf16``)."""
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
+        if cpu_bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
 
@@ -103,13 +156,34 @@ def _loader(ds: SliceDataset, batch: int, run: Run, seed: int) -> Iterator[dict]
         epoch += 1
 
 
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _psnr01(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = F.mse_loss((a.clamp(-1, 1) + 1) / 2, (b + 1) / 2).item()
+def _psnr01(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """PSNR in [0, 1] of images in [-1, 1]; over ``mask`` (the brain) when given."""
+    err = ((a.float().clamp(-1, 1) - b.float()) / 2).pow(2)
+    mse = err[mask.expand_as(err)].mean().item() if mask is not None else err.mean().item()
     return 10 * math.log10(1.0 / max(mse, 1e-10))
+
+
+def _brain(x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, H, W)`` brain mask of a batch: above background (-1) in any present modality."""
+    return ((x > -1 + 1e-3) & present[:, :, None, None]).any(1, keepdim=True)
+
+
+def lr_factor(step: int, steps: int, train_cfg) -> float:
+    """Learning-rate multiplier at ``step`` of ``steps``: linear warm-up, then constant or cosine to 0."""
+    if train_cfg.warmup_steps and step < train_cfg.warmup_steps:
+        return (step + 1) / train_cfg.warmup_steps
+    if train_cfg.lr_schedule == "cosine":
+        span = max(steps - train_cfg.warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(step - train_cfg.warmup_steps, span) / span))
+    return 1.0
 
 
 def _dice(prob: torch.Tensor, target: torch.Tensor) -> float:
@@ -195,6 +269,7 @@ def train_stage(
         ae.eval().requires_grad_(False)
         sm.eval().requires_grad_(False)
         ema = EMA(unet, cfg.diffusion.ema_decay)
+    base_lr = [g["lr"] for g in opt.param_groups]
     step = 0
     last_val: dict = {}
     if state is not None:
@@ -216,10 +291,14 @@ def train_stage(
         disc.train()
     wrapped = _ddp(trainable, run)
     wrapped_d = _ddp(disc, run) if disc is not None else None
-    z_cache = _latents(model, train_ds, run) if stage == 2 else None
+    bf16 = cfg.train.cpu_bf16
+    cache = Stage2Cache.build(model, train_ds, run, seed) if stage == 2 else None
     gen = torch.Generator().manual_seed(seed * 1000 + stage * 100 + step + run.rank)
     masker = ModalityMasker(gen)
-    batches = _loader(train_ds, batch, run, seed + step)
+    # stage 1 ends on whole slices: F_s of a crop is not the same window of the whole slice's F_s (norms, attention)
+    full_from = steps - cfg.train.stage1_full_steps if stage == 1 and cfg.train.stage1_full_steps else steps
+    full_batch = cfg.train.stage1_full_batch or batch
+    batches = _loader(train_ds, batch if step < full_from else full_batch, run, seed + step)
 
     def snapshot() -> dict:
         st = {
@@ -234,6 +313,8 @@ def train_stage(
             st.update(disc=disc.state_dict(), opt_d=opt_d.state_dict())
         if ema is not None:
             st["ema"] = ema.shadow.state_dict()
+        if cache is not None:
+            st["z_mean"] = cache.z.mean(0)  # for the stage-2 gate
         return st
 
     from tqdm import tqdm
@@ -247,13 +328,17 @@ def train_stage(
         mininterval=1.0 if sys.stderr.isatty() else 30.0,
     )
     while step < steps:
+        if step == full_from and full_batch != batch:
+            batches = _loader(train_ds, full_batch, run, seed + step)
+        for g, lr in zip(opt.param_groups, base_lr, strict=True):
+            g["lr"] = lr * lr_factor(step, steps, cfg.train)
         b = _to(next(batches), device)
         crop = (cfg.train.crop_stage0, cfg.train.crop_stage1, 0)[stage]
-        if crop and crop < b["x"].shape[-1]:
+        if crop and crop < b["x"].shape[-1] and step < full_from:
             b = _random_crop(b, crop, gen)
         x, present = b["x"], b["present"]
         logs: dict[str, float] = {}
-        with run.autocast():
+        with run.autocast(bf16):
             if stage == 0:
                 # one present modality per sample through the shared single-channel autoencoder
                 pick = torch.multinomial(present.float().cpu(), 1, generator=gen).squeeze(1).to(device)
@@ -263,7 +348,7 @@ def train_stage(
                 if cfg.autoencoder.perceptual == "ssim":
                     rec = rec + cfg.autoencoder.perceptual_weight * (1 - ssim(x_rec.float(), x1, 2.0)).mean()
                 reg_w = cfg.autoencoder.codebook_weight if cfg.autoencoder.kind == "vq" else cfg.autoencoder.kl_weight
-                loss = rec + reg_w * reg
+                loss = rec + reg_w * reg.float()
                 gan_on = step >= cfg.autoencoder.disc_start and cfg.autoencoder.disc_weight > 0
                 if gan_on:
                     g = generator_loss(wrapped_d(x_rec))
@@ -274,9 +359,12 @@ def train_stage(
             elif stage == 1:
                 available = masker(present)
                 out = wrapped(x, available)
+                recon = out["recon"].float()
                 sa = torch.stack(
                     [
-                        structure_aware_loss(out["recon"][present[:, j], j][:, None], x[present[:, j], j][:, None])
+                        structure_aware_loss(
+                            recon[present[:, j], j][:, None], x[present[:, j], j][:, None], cfg.structure.sa_dct
+                        )
                         for j in range(x.shape[1])
                         if present[:, j].any()
                     ]
@@ -291,9 +379,10 @@ def train_stage(
                     logs["seg"] = seg.item()
                 logs.update(sa=sa.item(), sc=sc.item(), kl=kl.item(), tau=out["tau"].item())
             else:
-                available = masker(present)
-                z0 = z_cache[b["index"].cpu()].to(device)
-                loss = _diffusion_loss(model, wrapped, x, available, z0, gen)
+                z0, f_s, available = cache.batch(b["index"].cpu(), gen, masker, present)
+                loss = model.diffusion_training_loss(
+                    x, available, gen, z0=z0.to(device), f_s=None if f_s is None else f_s.to(device), unet=wrapped
+                )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = (
@@ -301,7 +390,7 @@ def train_stage(
         )
         opt.step()
         if stage == 0 and step >= cfg.autoencoder.disc_start and cfg.autoencoder.disc_weight > 0:
-            with run.autocast():
+            with run.autocast(bf16):
                 d_loss = hinge_d_loss(wrapped_d(x1), wrapped_d(x_rec.detach()))
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
@@ -312,6 +401,7 @@ def train_stage(
         step += 1
         bar.update(1)
         logs["loss"] = loss.item()
+        logs["lr"] = opt.param_groups[0]["lr"]
         if gn is not None:
             logs["grad_norm"] = float(gn)
         if step % cfg.train.log_every == 0 or step == steps:
@@ -337,40 +427,97 @@ def _random_crop(b: dict, size: int, gen: torch.Generator) -> dict:
     return {**b, "x": b["x"][..., i : i + size, j : j + size], "seg": b["seg"][..., i : i + size, j : j + size]}
 
 
-def _diffusion_loss(
-    model: MSGLDM,
-    unet: torch.nn.Module,
-    x: torch.Tensor,
-    available: torch.Tensor,
-    z0: torch.Tensor,
-    gen: torch.Generator,
-) -> torch.Tensor:
-    """Stage-2 loss with a (possibly DDP-wrapped) UNet: Eq. 1 on cached latents."""
-    from model.losses import diffusion_loss
+class Stage2Cache:
+    """What does not change between stage-2 steps, computed once with the frozen stages 0-1.
 
-    with torch.no_grad():
-        f_s = model.condition(x, available)
-    t = torch.randint(0, model.scheduler.num_train_timesteps, (x.shape[0],), generator=gen).to(x.device)
-    eps = torch.randn(z0.shape, generator=gen).to(z0)
-    z_t = model.scheduler.add_noise(z0, eps, t)
-    return diffusion_loss(unet(z_t, t, f_s), eps if model.cfg.diffusion.prediction == "epsilon" else z0)
+    ``z (N, 4M, h, w)``: every slice's latents, scaled by ``diffusion.latent_scale`` (measured here as 1/std of the
+    training latents when ``latent_scale_from_data``; the model's config is updated with it). With
+    ``train.fs_cache_subsets = K > 0``: ``f_s (N, K, C, h, w)`` float16 for K random input subsets per slice
+    (``subsets (N, K, M)``), drawn by the training masker; each step then picks one of them per sample. The
+    per-modality encoder features do not depend on the subset, so they are computed once per slice.
+    """
 
+    def __init__(self, z: torch.Tensor, f_s: torch.Tensor | None, subsets: torch.Tensor | None, model: MSGLDM):
+        self.z, self.f_s, self.subsets, self.model = z, f_s, subsets, model
 
-@torch.no_grad()
-def _latents(model: MSGLDM, ds: SliceDataset, run: Run, chunk: int = 32) -> torch.Tensor:
-    """Latents of every slice and modality with the frozen autoencoder: ``(N, 4M, h, w)`` on the CPU."""
-    model.autoencoder.eval()
-    out = []
-    for start in range(0, len(ds), chunk):
-        x = ds.x[start : start + chunk].float().to(run.device)
-        with run.autocast():
-            out.append(model.encode_latents(x).float().cpu())
-    return torch.cat(out)
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: MSGLDM, ds: SliceDataset, run: Run, seed: int, chunk: int = 32) -> Stage2Cache:
+        """Computed, or read back from ``OUT/stage2_cache.pt`` (written on the first build: a resumed or repeated
+        stage 2 on the same stages 0-1 and slices skips the encoding)."""
+        path = run.out / "stage2_cache.pt"
+        key = {"slices": len(ds), "origin": ds.origin[:3] + ds.origin[-3:], "subsets": model.cfg.train.fs_cache_subsets}
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)  # our own file in the run directory
+            if saved.get("key") == json.dumps(key) and saved["latent_scale"] == model.cfg.diffusion.latent_scale:
+                log.info("stage-2 cache read from %s", path)
+                return cls(saved["z"], saved.get("f_s"), saved.get("subsets"), model)
+        t0 = time.time()
+        bf16 = model.cfg.train.cpu_bf16
+        model.autoencoder.eval()
+        model.structure.eval()
+        scale = model.cfg.diffusion.latent_scale
+        raw = []
+        for start in range(0, len(ds), chunk):
+            x = ds.x[start : start + chunk].float().to(run.device)
+            with run.autocast(bf16):
+                raw.append((model.encode_latents(x).float() / scale).cpu())
+        z = torch.cat(raw)
+        if model.cfg.diffusion.latent_scale_from_data:
+            scale = round(1.0 / float(z.std()), 6)
+            model.cfg = model.cfg.replace({"diffusion.latent_scale": scale})
+            if run.is_main:
+                (run.out / "config.json").write_text(model.cfg.to_json() + "\n")
+            log.info("latent scale measured on %d training slices: 1/std = %.4f", len(ds), scale)
+        z = z * scale
+        k = model.cfg.train.fs_cache_subsets
+        f_s = subsets = None
+        if k:
+            masker = ModalityMasker(torch.Generator().manual_seed(seed + 7))
+            subsets = torch.stack([masker(ds.present) for _ in range(k)], 1)  # (N, K, M)
+            parts = []
+            for start in range(0, len(ds), chunk):
+                x = ds.x[start : start + chunk].float().to(run.device)
+                sub = subsets[start : start + chunk].to(run.device)
+                with run.autocast(bf16):
+                    feats = model.structure.modality_features(x, ds.present[start : start + chunk].to(run.device))
+                    per_subset = [model.structure.fuse(feats, sub[:, i])["f_s"].float() for i in range(k)]
+                parts.append(torch.stack(per_subset, 1).half().cpu())
+            f_s = torch.cat(parts)
+        if run.is_main:
+            blob = {"key": json.dumps(key), "latent_scale": scale, "z": z}
+            if f_s is not None:
+                blob.update(f_s=f_s, subsets=subsets)
+            torch.save(blob, path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
+        run.log(
+            {
+                "stage": 2,
+                "step": 0,
+                "split": "cache",
+                "slices": len(ds),
+                "latent_scale": scale,
+                "fs_subsets": k,
+                "wall_s": round(time.time() - t0, 1),
+            }
+        )
+        return cls(z, f_s, subsets, model)
+
+    def batch(
+        self, index: torch.Tensor, gen: torch.Generator, masker: ModalityMasker, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(z0, f_s, available)`` for the slices ``index``; ``f_s`` None without an F_s cache (the model
+        computes it from the batch's images then)."""
+        z0 = self.z[index]
+        if self.f_s is None:
+            return z0, None, masker(present)
+        pick = torch.randint(0, self.f_s.shape[1], (len(index),), generator=gen)
+        return z0, self.f_s[index, pick].float(), self.subsets[index, pick]
 
 
 @torch.no_grad()
 def validate(stage: int, model: MSGLDM, ds: SliceDataset, run: Run, ema: EMA | None = None) -> dict:
-    """Fixed-seed validation metrics of one stage on up to ``val_batches`` batches."""
+    """Fixed-seed validation metrics of one stage on up to ``val_batches`` batches (PSNRs over the brain)."""
     cfg = model.cfg
     gen = torch.Generator().manual_seed(1234)
     masker = ModalityMasker(gen)
@@ -387,35 +534,58 @@ def validate(stage: int, model: MSGLDM, ds: SliceDataset, run: Run, ema: EMA | N
             run.device,
         )
         x, present = b["x"], b["present"]
-        with run.autocast():
+        brain = _brain(x, present)
+        with run.autocast(cfg.train.cpu_bf16):
             if stage == 0:
                 bm, m = x.shape[:2]
                 flat = x.reshape(bm * m, 1, *x.shape[-2:])
                 keep = present.reshape(-1)
                 z, _ = model.autoencoder.encode(flat[keep])
                 rec = model.autoencoder.decode(z).float()
+                mask = brain.expand(-1, m, -1, -1).reshape(bm * m, 1, *x.shape[-2:])[keep]
                 metrics.setdefault("l1", []).append(F.l1_loss(rec.clamp(-1, 1), flat[keep]).item())
                 metrics.setdefault("psnr", []).append(_psnr01(rec, flat[keep]))
+                metrics.setdefault("brain_psnr", []).append(_psnr01(rec, flat[keep], mask))
             elif stage == 1:
                 available = masker(present)
                 out = model.structure(x, available)
                 rec = out["recon"].float()
                 missing = present & ~available
                 if missing.any():
+                    mask = brain.expand_as(rec)[missing]
                     metrics.setdefault("l1_missing", []).append(F.l1_loss(rec[missing], x[missing]).item())
-                    metrics.setdefault("psnr_missing", []).append(_psnr01(rec[missing], x[missing]))
+                    metrics.setdefault("psnr_missing", []).append(_psnr01(rec[missing], x[missing], mask))
                 metrics.setdefault("l1_all", []).append(F.l1_loss(rec[present], x[present]).item())
                 if b["has_seg"].any():
                     prob = torch.sigmoid(out["seg_logits"].float())[b["has_seg"]]
                     metrics.setdefault("dice_wt", []).append(_dice(prob[:, 1], b["seg"][b["has_seg"]][:, 1]))
             else:
                 available = masker(present)
-                z0 = model.encode_latents(x)
                 unet = ema.shadow if ema is not None else model.unet
                 metrics.setdefault("diffusion_loss", []).append(
-                    _diffusion_loss(model, unet, x, available, z0, gen).item()
+                    model.diffusion_training_loss(x, available, gen, unet=unet).item()
                 )
     return {k: round(sum(v) / len(v), 6) for k, v in metrics.items()}
+
+
+def _gate(stage: int, model: MSGLDM, train_ds: SliceDataset, val_ds: SliceDataset, run: Run):
+    """The gate after ``stage`` (model.gates) with that stage's weights (stage 2: the EMA UNet) loaded."""
+    from model import gates
+
+    cfg = model.cfg
+    model.eval()
+    with run.autocast(cfg.train.cpu_bf16):
+        if stage == 0:
+            return gates.stage0(model, val_ds, cfg.train.gate_stage0_psnr)
+        if stage == 1:
+            return gates.stage1(model, train_ds, val_ds)
+        state = _load_stage(run, 2) or {}
+        if "ema" in state:
+            model.unet.load_state_dict(state["ema"])
+        z_mean = state.get("z_mean")
+        if z_mean is None:
+            z_mean = torch.zeros(cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        return gates.stage2(model, val_ds, z_mean, cfg.train.gate_stage2_spread, cfg.train.gate_stage2_ratio)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -466,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="subject-level validation split (0: validate on a fixed subset of the training slices)",
     )
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-gates", action="store_true", help="go on to the next stage when a gate fails")
     p.add_argument(
         "--set",
         nargs="*",
@@ -508,11 +679,14 @@ def main(argv: list[str] | None = None) -> Path | None:
     torch.manual_seed(seed)
 
     cases = find_cases(args.data, layout=args.layout, modalities=cfg.modalities)
-    if val_fraction > 0 and len({c.subject for c in cases}) > 1:
-        splits = split_cases(cases, seed=seed, val_fraction=val_fraction)
-        train_cases, val_cases = splits["train"], splits["val"]
+    test_fraction = cfg.train.test_fraction
+    if (val_fraction > 0 or test_fraction > 0) and len({c.subject for c in cases}) > 1:
+        splits = split_cases(
+            cases, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, test_cases=cfg.train.test_cases
+        )
+        train_cases, val_cases, test_cases = splits["train"], splits["val"], splits["test"]
     else:
-        train_cases, val_cases = list(cases), []
+        train_cases, val_cases, test_cases = list(cases), [], []
     run = Run(out, device, rank, world)
     train_ds = SliceDataset(train_cases, cfg)
     val_ds = SliceDataset(val_cases, cfg) if val_cases else train_ds
@@ -526,8 +700,10 @@ def main(argv: list[str] | None = None) -> Path | None:
                 {
                     "seed": seed,
                     "val_fraction": val_fraction,
+                    "test_fraction": test_fraction,
                     "train": [c.id for c in train_cases],
                     "val": [c.id for c in val_cases],
+                    "test": [c.id for c in test_cases],
                     "validation_on": "val" if val_cases else "train subset",
                     "train_slices": len(train_ds),
                     "data": [str(d) for d in args.data],
@@ -553,11 +729,14 @@ def main(argv: list[str] | None = None) -> Path | None:
     for stage in range(3):
         if stage in stages:
             t = time.time()
-            results[stage] = train_stage(stage, model, train_ds, val_ds, run, steps[stage], batch, seed)
+            per_stage = cfg.train.stage_batch_sizes
+            stage_batch = per_stage[stage] if per_stage and not args.batch_size else batch
+            run.begin_stage(stage, steps[stage], stage_batch, len(train_ds))
+            results[stage] = train_stage(stage, model, train_ds, val_ds, run, steps[stage], stage_batch, seed)
             if world > 1:
                 dist.barrier()  # rank 0 has written stage{k}.pt before any rank loads it below
             run.log({"stage": stage, "step": steps[stage], "split": "summary", "wall_s": round(time.time() - t, 1)})
-        if stage < 2 and max(stages) == 2:  # stage 2 needs the trained (frozen) stages 0 and 1
+        if stage < 2 and (max(stages) == 2 or stage in stages):  # stage 2 needs the trained (frozen) stages 0, 1
             state = _load_stage(run, stage)
             if state is None and args.init:
                 continue  # not trained in this run: the base checkpoint's weights stand
@@ -568,6 +747,16 @@ def main(argv: list[str] | None = None) -> Path | None:
                 )
             [model.autoencoder, model.structure, model.unet][stage].load_state_dict(state["model"])
             results.setdefault(stage, state.get("val", {}))
+        if stage in stages and run.is_main:
+            gate = _gate(stage, model, train_ds, val_ds, run)
+            run.log({"split": "gate", **gate.to_dict(), "step": steps[stage]})
+            log.info("%s", gate.message())
+            if not gate.passed and cfg.train.gates and not args.ignore_gates:
+                raise SystemExit(
+                    f"{gate.message()}; details in {out / 'progress.json'} (gates). The run stops here: the next "
+                    f"stage would be built on a stage that does not do its job. Rerun the same command with "
+                    f"--ignore-gates to go on."
+                )
     if world > 1:
         dist.barrier()
     if 2 not in stages or not run.is_main:
@@ -577,6 +766,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         "trained": True,
         "steps": {f"stage{k}": (_load_stage(run, k) or {}).get("step") for k in range(3)},
         "validation": {f"stage{k}": v for k, v in results.items()},
+        "gates": run.progress["gates"],
         "split": json.loads((out / "split.json").read_text()),
         "batch_size": batch,
         "world_size": world,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -58,12 +57,11 @@ def world_size(requested: int | None) -> int:
 
 
 class Monitor:
-    """Follows the trainer's ``log.jsonl``: history, stage and progress into the run row with each lease renewal
-    (every second: renewal doubles as the cancel check); uploads changed stage checkpoints to object storage."""
+    """Follows the trainer's ``progress.json``: history, gates, stage and progress into the run row with each lease
+    renewal (every second: renewal doubles as the cancel check); uploads changed stage checkpoints to storage."""
 
-    def __init__(self, run: TrainingRun, claim: training.Claim, out: Path, console: Path, world: int) -> None:
-        self.run_id, self.claim, self.out, self.console, self.world = run.id, claim, out, console, world
-        self.params = run.params
+    def __init__(self, run: TrainingRun, claim: training.Claim, out: Path, console: Path) -> None:
+        self.run_id, self.claim, self.out, self.console = run.id, claim, out, console
         self.stages: list[int] = run.params.get("stages") or [0, 1, 2]
         self.settings = get_settings().training
         self.prefix = training.checkpoint_prefix(run.id)
@@ -73,70 +71,24 @@ class Monitor:
         self.stage: str | None = None
 
     # ----------------------------------------------------------------------------- what the trainer wrote
-    def records(self) -> list[dict[str, Any]]:
-        path = self.out / "log.jsonl"
-        if not path.is_file():
-            return []
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line being written
-                continue
-        return rows
-
-    def _targets(self) -> list[int] | None:
-        """Steps per stage, as model.train computes them (max_steps, epochs, or the config's)."""
+    def trainer_progress(self) -> dict[str, Any]:
+        """The trainer's own ``progress.json`` (model.train ``Run``); empty before it has written one."""
         try:
-            cfg = json.loads((self.out / "config.json").read_text())["train"]
-            split = json.loads((self.out / "split.json").read_text())
-        except (OSError, ValueError, KeyError):
-            return None
-        steps = self.params.get("max_steps")
-        if isinstance(steps, int):
-            return [steps] * 3
-        if isinstance(steps, list):
-            return steps * 3 if len(steps) == 1 else steps
-        if self.params.get("epochs"):
-            batch = self.params.get("batch_size") or cfg["batch_size"]
-            return [max(1, math.ceil(self.params["epochs"] * split["train_slices"] / (batch * self.world)))] * 3
-        return [cfg["stage0_steps"], cfg["stage1_steps"], cfg["stage2_steps"]]
+            return json.loads((self.out / "progress.json").read_text())
+        except (OSError, ValueError):  # not written yet (the trainer replaces it atomically)
+            return {}
 
-    def history(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One entry per validation: the stage, epoch, step, the latest training losses and the val metrics."""
-        try:
-            split = json.loads((self.out / "split.json").read_text())
-            batch = self.params.get("batch_size") or json.loads((self.out / "config.json").read_text())["train"][
-                "batch_size"]
-            per_epoch = split["train_slices"] / (batch * self.world)
-        except (OSError, ValueError, KeyError, ZeroDivisionError):
-            per_epoch = 0
-        entries, losses = [], {}
-        skip = {"time", "stage", "step", "split"}
-        for r in records:
-            if r.get("split") == "train":
-                losses[r["stage"]] = {k: v for k, v in r.items() if k not in skip and isinstance(v, int | float)}
-            elif r.get("split") == "val":
-                entries.append({"stage": r["stage"], "step": r["step"],
-                                "epoch": round(r["step"] / per_epoch, 3) if per_epoch else None,
-                                "losses": losses.get(r["stage"], {}),
-                                "val": {k: v for k, v in r.items() if k not in skip and isinstance(v, int | float)}})
-        return entries
-
-    def progress(self, records: list[dict[str, Any]]) -> tuple[str | None, int]:
-        targets = self._targets()
-        done = {s: 0 for s in self.stages}
-        finished: set[int] = set()
-        for r in records:
-            if r.get("stage") in done:
-                done[r["stage"]] = max(done[r["stage"]], int(r.get("step", 0)))
-                if r.get("split") == "summary":
-                    finished.add(r["stage"])
-        current = next((s for s in self.stages if s not in finished), self.stages[-1])
-        if not targets:
-            return str(current), 0
-        total = sum(targets[s] for s in self.stages)
-        return str(current), int(EVAL_PROGRESS * sum(min(done[s], targets[s]) for s in self.stages) / max(total, 1))
+    def progress(self, state: dict[str, Any]) -> tuple[str | None, int]:
+        """The current stage and the run's percentage: training fills 0-EVAL_PROGRESS, each of the run's stages an
+        equal share by the trainer's step / steps."""
+        stages = state.get("stages") or {}
+        done = 0.0
+        for s in self.stages:
+            entry = stages.get(str(s)) or {}
+            done += 1.0 if entry.get("finished") else min(entry.get("step", 0) / max(entry.get("steps") or 1, 1), 1.0)
+        current = state.get("stage")
+        return (str(current) if current is not None else str(self.stages[0]),
+                int(EVAL_PROGRESS * done / max(len(self.stages), 1)))
 
     def log_tail(self) -> str:
         if not self.console.is_file():
@@ -161,7 +113,7 @@ class Monitor:
             mtime = p.stat().st_mtime
             storage.put_file(self.prefix + p.name, p)
             self.uploaded[p.name] = mtime
-        for name in ("config.json", "split.json", "log.jsonl"):
+        for name in ("config.json", "split.json", "log.jsonl", "progress.json"):
             if (self.out / name).is_file():
                 storage.put_file(self.prefix + name, self.out / name)
         self.last_upload = time.monotonic()
@@ -177,11 +129,11 @@ class Monitor:
             raise RunStopped(self.run_id)
 
     def tick(self, stage: str | None = None) -> None:
-        records = self.records()
-        current, progress = self.progress(records)
+        state = self.trainer_progress()
+        current, progress = self.progress(state)
         self.upload_checkpoints()
         self.renew(stage=stage or current, progress=progress if stage is None else EVAL_PROGRESS,
-                   history=self.history(records))
+                   history=state.get("history", []), gates=state.get("gates", {}))
 
     def follow(self, cmd: list[str], stage: str | None = None) -> None:
         """Run ``cmd`` in its own process group to its end, ticking every second; kill the group when stopped."""
@@ -362,7 +314,7 @@ def run_training(run_id: str) -> str:
     workdir = settings.training.work_dir / run_id
     out, console = workdir / "out", workdir / "console.log"
     world = world_size(run.params.get("gpus"))
-    monitor = Monitor(run, claim, out, console, world)
+    monitor = Monitor(run, claim, out, console)
     try:
         # storage holds the truth of a run's progress: start from its checkpoints (none on the first attempt)
         shutil.rmtree(out, ignore_errors=True)
@@ -391,8 +343,9 @@ def run_training(run_id: str) -> str:
         metrics = summarize(report, in_sample) | {"report": f"training-runs/{run_id}/evaluation/report.json"}
         version = register(run, out / "model", metrics)
         with session_scope() as session:
+            state = monitor.trainer_progress()
             done = training.complete(session, claim, model_version=version, stage=None, log_tail=monitor.log_tail(),
-                                     history=monitor.history(monitor.records()))
+                                     history=state.get("history", []), gates=state.get("gates", {}))
         log.info("training run %s: %s (candidate %s)", run_id, "succeeded" if done else "stale", version)
         if done:
             shutil.rmtree(workdir, ignore_errors=True)

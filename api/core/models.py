@@ -179,6 +179,7 @@ class TrainingRun(Base):
     dataset: Mapped[dict[str, Any]] = mapped_column(JSON)  # {"path"|"prefix", "layout"}
     params: Mapped[dict[str, Any]] = mapped_column(JSON)  # stages, epochs, max_steps, batch_size, gpus, base_version
     history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    gates: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=dict)  # the trainer's, by stage (model.gates)
     log_tail: Mapped[str] = mapped_column(Text, default="")
     checkpoint: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # last uploaded: {"stage", "step"}
     model_version: Mapped[str | None] = mapped_column(String(100))

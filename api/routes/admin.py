@@ -25,6 +25,7 @@ from api.schemas import (
     PROBLEM_RESPONSES,
     DatasetReport,
     DatasetSpec,
+    GateResult,
     HistoryEntry,
     ModelVersionPublic,
     Problem,
@@ -45,9 +46,10 @@ def run_public(run: TrainingRun) -> TrainingRunPublic:
     return TrainingRunPublic(
         id=run.id, status=run.status, stage=stage, progress=run.progress, preset=run.preset, dataset=run.dataset,
         params=run.params, created_at=run.created_at, started_at=run.started_at, finished_at=run.finished_at,
-        history=[HistoryEntry(**h) for h in run.history or []], log_tail=run.log_tail or "", checkpoint=run.checkpoint,
-        model_version=run.model_version, error_code=run.error_code, error_message=run.error_message,
-        attempts=run.attempts)
+        history=[HistoryEntry(**h) for h in run.history or []],
+        gates={k: GateResult(**g) for k, g in (run.gates or {}).items()}, log_tail=run.log_tail or "",
+        checkpoint=run.checkpoint, model_version=run.model_version, error_code=run.error_code,
+        error_message=run.error_message, attempts=run.attempts)
 
 
 def _get_run(session: Session, run_id: str) -> TrainingRun:

@@ -14,6 +14,7 @@ from model.io.volume import Volume
 DATA = Path(__file__).parents[2].parent / "shared" / "data"
 BRATS = DATA / "brats2023_gli_00001_000"
 TCGA = DATA / "tcga_du_7294_preprocessed"
+BRATS2018 = DATA / "brats2018_deepbrainseg"
 MODS = ("t1", "t2", "t1ce", "flair")
 RAS = np.array([[1.0, 0, 0, -20], [0, 1, 0, -22], [0, 0, 1, -6], [0, 0, 0, 1]])
 LPS = np.array([[-1.0, 0, 0, 20], [0, -1, 0, 22], [0, 0, 1, -6], [0, 0, 0, 1]])

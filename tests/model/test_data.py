@@ -203,6 +203,18 @@ def test_split_is_deterministic_disjoint_and_complete():
     assert [x.id for x in c["val"]] != [x.id for x in a["val"]]
 
 
+def test_named_test_cases_are_always_held_out_and_counted_in_the_fraction():
+    cases = _fake_cases(20)
+    split = split_cases(cases, seed=3, val_fraction=0.1, test_fraction=0.2, test_cases=["c07", "c13", "absent"])
+    test = [c.id for c in split["test"]]
+    assert {"c07", "c13"} <= set(test) and len(test) == 4 and len(split["val"]) == 2
+    # without named cases the seeded draw is today's
+    plain = split_cases(cases, seed=3, val_fraction=0.2, test_fraction=0.1)
+    assert plain == split_cases(cases, seed=3, val_fraction=0.2, test_fraction=0.1, test_cases=[])
+    more = split_cases(cases, seed=3, val_fraction=0.1, test_fraction=0.05, test_cases=["c01", "c02", "c03"])
+    assert [c.id for c in more["test"]] == ["c01", "c02", "c03"]  # the named ones even beyond the fraction
+
+
 def test_split_small_sets_keep_a_training_case():
     two = split_cases(_fake_cases(2), seed=0, val_fraction=0.2)
     assert len(two["train"]) == 1 and len(two["val"]) == 1

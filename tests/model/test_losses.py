@@ -21,6 +21,8 @@ from model.losses import (
     style_consistency_loss,
 )
 
+from .conftest import BRATS2018, requires_data
+
 
 def _log_sigmoid(v: float) -> float:
     return -math.log1p(math.exp(-v))
@@ -110,3 +112,39 @@ def test_kl_and_gan_losses():
     assert adain_kl(torch.ones(3, 5), torch.ones(3, 5)).item() == pytest.approx(0.5)
     assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)).item() == 0.0
     assert hinge_d_loss(torch.zeros(4), torch.zeros(4)).item() == 1.0
+
+
+@requires_data(BRATS2018)
+def test_log_amplitude_dct_term_sees_blur_and_a_wrong_modality_on_real_slices():
+    """The authors' DCT-SSIM is dominated by the DC coefficient; on log amplitudes blur and a wrong contrast show."""
+    from scipy.ndimage import gaussian_filter
+
+    from model.config import load_preset
+    from model.data import find_cases
+    from model.dataset import SliceDataset
+
+    ds = SliceDataset(find_cases([BRATS2018 / "Brats18_2013_3_1"]), load_preset("cpu"))
+    x = ds.x[len(ds) // 2].float()  # t1, t2, t1ce, flair
+    flair = x[3:4][None]
+    blur2 = torch.from_numpy(gaussian_filter(flair.numpy(), sigma=(0, 0, 2, 2))).float()
+    old = {"blur": dct_ssim_loss(blur2, flair), "t1": dct_ssim_loss(x[0:1][None], flair)}
+    new = {
+        "blur": dct_ssim_loss(blur2, flair, "log_amplitude"),
+        "t1": dct_ssim_loss(x[0:1][None], flair, "log_amplitude"),
+    }
+    assert max(v.item() for v in old.values()) < 0.01  # the measured defect: inert
+    assert min(v.item() for v in new.values()) > 0.1  # now the structural term weighs in
+    assert dct_ssim_loss(flair, flair, "log_amplitude").item() == pytest.approx(0.0, abs=1e-5)
+    assert structure_aware_loss(blur2, flair, "log_amplitude") > structure_aware_loss(blur2, flair) + 0.1
+
+
+def test_ssim_and_dct_stay_float32_under_bf16_autocast():
+    """bf16 cannot resolve the variances (E[x^2] - mu^2): under autocast SSIM must equal its float32 value."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 1, 48, 48, generator=gen), torch.rand(2, 1, 48, 48, generator=gen)
+    ref = ssim(a, b, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ssim(a, b, 1.0)
+        d = dct2(a)
+    assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=1e-6)
+    assert d.dtype == torch.float32

@@ -39,6 +39,22 @@ def test_sample_prediction_regresses_the_clean_latent():
     assert loss.item() == pytest.approx(z0.pow(2).mean().item(), rel=1e-5)
 
 
+def test_missing_modalities_weigh_missing_weight_times_more_in_the_diffusion_loss():
+    torch.manual_seed(0)
+    x = torch.rand(2, 4, 32, 32) * 2 - 1
+    avail = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    model = MSGLDM(micro_config(**{"diffusion.prediction": "sample"}))
+    z0 = model.encode_latents(x).detach()
+    # the zero-initialised UNet predicts 0: the loss is a weighted mean of z0^2
+    w = model.latent_mask(avail) + 3.0 * (1 - model.latent_mask(avail))
+    expected = (z0.pow(2) * w).sum() / w.expand_as(z0).sum()
+    weighted = MSGLDM(micro_config(**{"diffusion.prediction": "sample", "diffusion.missing_weight": 3.0}))
+    weighted.load_state_dict(model.state_dict())
+    got = weighted.diffusion_training_loss(x, avail, torch.Generator().manual_seed(0), z0=z0)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert got.item() != pytest.approx(z0.pow(2).mean().item(), rel=1e-3)
+
+
 def test_diffusion_loss_backpropagates_into_the_unet_only(micro_cfg):
     model = MSGLDM(micro_cfg)
     x = torch.rand(2, 4, 32, 32) * 2 - 1

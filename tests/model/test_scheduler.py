@@ -71,3 +71,17 @@ def test_sample_prediction_is_converted_to_the_matching_noise():
     z_t = s.add_noise(z0, eps, torch.full((2,), 600))
     assert torch.allclose(s.to_eps(z0, 600, z_t), eps, atol=1e-4)
     assert torch.equal(DDIMScheduler(DiffusionConfig()).to_eps(eps, 600, z_t), eps)
+
+
+def test_v_prediction_round_trips_to_the_noise_and_is_the_training_target():
+    s = DDIMScheduler(DiffusionConfig(prediction="v"))
+    gen = torch.Generator().manual_seed(3)
+    z0, eps = torch.randn(2, 4, 3, 3, generator=gen), torch.randn(2, 4, 3, 3, generator=gen)
+    t = torch.full((2,), 600)
+    z_t = s.add_noise(z0, eps, t)
+    v = s.target(z0, eps, t)
+    a = float(s.alphas_cumprod[600])
+    assert torch.allclose(v, a**0.5 * eps - (1 - a) ** 0.5 * z0)
+    assert torch.allclose(s.to_eps(v, 600, z_t), eps, atol=1e-5)
+    assert torch.equal(DDIMScheduler(DiffusionConfig(prediction="sample")).target(z0, eps, t), z0)
+    assert torch.equal(DDIMScheduler(DiffusionConfig()).target(z0, eps, t), eps)

@@ -76,6 +76,33 @@ def test_msse_shape_and_alpha():
     assert not isinstance(fixed.alpha, torch.nn.Parameter)
 
 
+def test_msse_area_resize_averages_every_pixel_of_each_block():
+    """Bilinear 32 -> 4 (align_corners False) reads 2x2 of each 8x8 block; the area resize reads all of them."""
+    reads = {}
+    for resize in ("bilinear", "area"):
+        msse = MSSE(CH, resize=resize)
+        probe = torch.zeros(1, CH[0], 32, 32, requires_grad=True)
+        msse._resize(probe, (4, 4)).sum().backward()
+        reads[resize] = (probe.grad != 0).float().mean().item()
+    assert reads["bilinear"] == pytest.approx(4 / 64) and reads["area"] == 1.0
+    x = torch.randn(1, 1, 32, 32)
+    assert torch.allclose(MSSE(CH, resize="area")._resize(x, (4, 4)), x.reshape(1, 1, 4, 8, 4, 8).mean((3, 5)))
+
+
+def test_cached_modality_features_fuse_to_the_same_f_s_for_any_subset():
+    """Stage 2's F_s cache: per-modality features once, fused per subset == encode_structure on that subset."""
+    from model.config import StructureConfig
+
+    torch.manual_seed(0)
+    sm = StructureModel(StructureConfig(channels=CH, dropout=0.0, msse_heads=4), 4).eval()
+    x = torch.randn(2, 4, 32, 32)
+    feats = sm.modality_features(x, torch.ones(2, 4, dtype=torch.bool))
+    for subset in ([[1, 0, 0, 0], [0, 1, 1, 1]], [[1, 1, 1, 1], [0, 0, 1, 0]]):
+        avail = torch.tensor(subset, dtype=torch.bool)
+        with torch.no_grad():
+            assert torch.allclose(sm.fuse(feats, avail)["f_s"], sm.encode_structure(x, avail)["f_s"], atol=1e-5)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_style_encoder_works_on_single_samples_in_train_mode(batch):
     enc = StyleEncoder(1, 4, 4, 8).train()  # the authors' version raises here (InstanceNorm on 1x1)

@@ -124,6 +124,30 @@ def test_three_stages_train_get_interrupted_and_resume(tmp_path, dataset_root, m
     # the stage-2 weights in the export are the EMA ones
     ema = torch.load(out / "stage2.pt", weights_only=False)["ema"]
     assert all(torch.equal(v, ema[k]) for k, v in model.unet.state_dict().items())
+    # the trainer's own progress file: every stage finished at its target, one history entry per validation (the
+    # interrupted attempt's too), the three gates, the same as in metrics.json
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["stages"] == {str(k): {"step": n, "steps": n, "finished": True} for k, n in enumerate((2, 2, 4))}
+    vals = [(r["stage"], r["step"]) for r in records if r["split"] == "val"]
+    assert [(h["stage"], h["step"]) for h in progress["history"]] == vals
+    assert all(h["losses"] and h["val"] and h["epoch"] > 0 for h in progress["history"])
+    assert sorted(progress["gates"]) == ["stage0", "stage1", "stage2"] == sorted(metrics["gates"])
+    assert {g["name"] for g in progress["gates"].values()} == {
+        "autoencoder_brain_psnr", "d_rec_minus_nearest_psnr", "input_dependence_psnr_spread"}
+
+
+def test_a_failed_gate_stops_the_run_and_ignore_gates_goes_on(tmp_path, dataset_root):
+    preset = tmp_path / "micro.yaml"
+    preset.write_text(yaml.safe_dump(json.loads(micro_config(**{"train.gates": True}).to_json())))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"gate autoencoder_brain_psnr \(stage 0\) FAILED.*--ignore-gates"):
+        train_mod.main(_args(preset, dataset_root, out, "1,1,1"))  # one step: far from 28 dB
+    gates = json.loads((out / "progress.json").read_text())["gates"]
+    assert list(gates) == ["stage0"] and gates["stage0"]["passed"] is False and gates["stage0"]["value"] < 28
+    assert not (out / "stage1.pt").exists()  # nothing spent on stage 1
+    dest = train_mod.main([*_args(preset, dataset_root, out, "1,1,1"), "--ignore-gates"])
+    metrics = json.loads((dest / "metrics.json").read_text())
+    assert sorted(metrics["gates"]) == ["stage0", "stage1", "stage2"] and not metrics["gates"]["stage0"]["passed"]
 
 
 def test_stage_two_alone_needs_the_earlier_stages(tmp_path, dataset_root):

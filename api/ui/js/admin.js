@@ -61,6 +61,18 @@ export function modelsView(root) {
   return () => poller.stop();
 }
 
+// The trainer's checks between stages (docs/model.md "Gates"): a failed one stops the run.
+function gatesTable(gates) {
+  const rows = Object.values(gates).sort((a, b) => a.stage - b.stage);
+  if (!rows.length) return null;
+  return h("div", {}, h("h3", {}, "Gates"),
+    h("table", { class: "grid", id: "run-gates" },
+      h("thead", {}, h("tr", {}, ["Stage", "Gate", "Value", "Threshold", "Result"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, rows.map((g) => h("tr", { "data-gate": g.name },
+        h("td", {}, String(g.stage)), h("td", { class: "mono" }, g.name), h("td", {}, g.value.toFixed(3)),
+        h("td", {}, g.threshold.toFixed(3)), h("td", {}, h("span", { class: `badge ${g.passed ? "succeeded" : "failed"}` }, g.passed ? "passed" : "failed")))))));
+}
+
 function curves(history, pick) {
   const series = {};
   history.forEach((e, i) => {
@@ -101,6 +113,7 @@ export function trainingView(root, runId) {
           poller.fn();
         } }, "Cancel run") : null),
       run.error_code ? h("p", { class: "error" }, `${run.error_code}: ${run.error_message || ""}`) : null,
+      gatesTable(run.gates || {}),
       h("div", { class: "cols" },
         h("div", {}, h("h3", {}, "Loss (log scale)"), loss.svg, loss.legend),
         h("div", {}, h("h3", {}, "Validation"), val.svg, val.legend)),
