@@ -14,8 +14,10 @@ brain mask, exactly like ``model.pipeline.Synthesizer``, so the evaluation treat
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -203,6 +205,8 @@ class RegressionUNetConfig:
     batch_size: int = 4
     lr: float = 1e-3
     train_crop: int | None = 96  # random square crops for training (fully convolutional: infers on whole slices)
+    lr_schedule: str = "constant"  # or "cosine" (100 warm-up steps, then cosine to 0: MSG-LDM's cpu recipe)
+    bf16: bool = False  # bf16 autocast on the CPU (MSG-LDM's cpu recipe trains so too)
     seed: int = 0
     preprocess: dict = field(default_factory=dict)  # the MSG-LDM model's PreprocessConfig fields
 
@@ -214,6 +218,8 @@ class RegressionUNetConfig:
         down = 2 ** (len(self.channels) - 1)
         if self.train_crop is not None and (self.train_crop < down or self.train_crop % down):
             raise BaselineError(f"train_crop={self.train_crop} must be a positive multiple of {down}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise BaselineError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
 
 
 class RegressionUNet(nn.Module):
@@ -310,7 +316,10 @@ def _train(x: np.ndarray, cfg: RegressionUNetConfig, on_step: Callable[[int, flo
             xs = rng.integers(0, batch.shape[-1] - crop + 1, size=cfg.batch_size)
             batch = torch.stack([b[:, y : y + crop, x : x + crop] for b, y, x in zip(batch, ys, xs, strict=True)])
         a = torch.from_numpy(avail)
-        pred = net(batch, a)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _lr_factor(step, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            pred = net(batch, a).float()
         missing = (~a).to(batch.dtype)[:, :, None, None]
         loss = ((pred - batch).abs() * missing).sum() / (missing.sum() * batch.shape[-1] * batch.shape[-2])
         opt.zero_grad(set_to_none=True)
@@ -320,6 +329,29 @@ def _train(x: np.ndarray, cfg: RegressionUNetConfig, on_step: Callable[[int, flo
             on_step(step, loss.item())
     net.eval()
     return net
+
+
+def _lr_factor(step: int, cfg: RegressionUNetConfig, warmup: int = 100) -> float:
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(cfg.steps - warmup, 1)))
+
+
+def step_flops(cfg: RegressionUNetConfig, size: int | None = None) -> float:
+    """Forward + backward FLOPs of one training step (conv/matmul, ``torch.utils.flop_counter``) at the config's
+    batch and crop (or ``size``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = size or cfg.train_crop or 192
+    net = RegressionUNet(cfg)
+    x = torch.zeros(cfg.batch_size, len(cfg.modalities), size, size)
+    avail = torch.zeros(cfg.batch_size, len(cfg.modalities), dtype=torch.bool)
+    avail[:, 0] = True
+    with FlopCounterMode(display=False) as counter:
+        net(x, avail).abs().mean().backward()
+    return float(counter.get_total_flops())
 
 
 @dataclass
@@ -333,7 +365,8 @@ class RegressionUNetBaseline:
     kind = "regression-unet"
 
     @classmethod
-    def train(cls, cases: Sequence[Case], cfg: RegressionUNetConfig, log_every: int = 50) -> RegressionUNetBaseline:
+    def train(cls, cases: Sequence[Case], cfg: RegressionUNetConfig, log_every: int = 50,
+              threads: int | None = 1) -> RegressionUNetBaseline:
         from model.config import PreprocessConfig
 
         pcfg = PreprocessConfig(**_tuples(cfg.preprocess)) if cfg.preprocess else PreprocessConfig()
@@ -348,7 +381,7 @@ class RegressionUNetBaseline:
                 log.info("regression-unet step %d/%d L1 %.4f", step + 1, cfg.steps, np.mean(losses[-log_every:]))
 
         t0 = time.perf_counter()
-        net = train_regression_unet(x, cfg, on_step)
+        net = train_regression_unet(x, cfg, on_step, threads=threads)
         record = {"train_cases": [c.id for c in cases], "slices": int(len(x)), "steps": cfg.steps,
                   "seconds": round(time.perf_counter() - t0, 1),
                   "final_l1": float(np.mean(losses[-20:])) if losses else None}
@@ -414,3 +447,65 @@ class RegressionUNetBaseline:
 
 def _tuples(d: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+# ================================================================================= CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Fit both baselines on an MSG-LDM checkpoint's (or training run's) recorded train split, the U-Net to a FLOP
+    budget, so that model.evaluate compares like with like (``--baselines DIR``)."""
+    p = argparse.ArgumentParser(prog="python -m model.baselines", description=main.__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="MSG-LDM checkpoint or run folder: its config.json gives the "
+                   "structure widths and preprocessing, its split.json / metrics.json the training cases")
+    p.add_argument("--data", required=True, nargs="+", help="dataset folder(s) holding the split's cases")
+    p.add_argument("--out", required=True, help="folder for nearest/ and unet/")
+    p.add_argument("--budget-tflop", type=float, default=None, help="U-Net training FLOPs (forward + backward); "
+                   "sets the steps from the measured FLOPs of one step")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--cosine", action="store_true", help="warm-up + cosine learning rate")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from model.checkpoint import read_config
+    from model.data import find_cases
+
+    ckpt = Path(args.checkpoint)
+    cfg = read_config(ckpt)
+    split_file = ckpt / "split.json"
+    split = json.loads(split_file.read_text()) if split_file.is_file() else json.loads(
+        (ckpt / "metrics.json").read_text()).get("split", {})
+    if not split.get("train"):
+        raise SystemExit(f"{ckpt} records no training split (split.json or metrics.json 'split')")
+    by_id = {c.id: c for c in find_cases(args.data)}
+    missing = [c for c in split["train"] if c not in by_id]
+    if missing:
+        raise SystemExit(f"training cases {missing} are not under {args.data}")
+    train = [by_id[c] for c in split["train"]]
+    out = Path(args.out)
+    NearestModalityBaseline.fit(train, cfg.modalities, tuple(cfg.preprocess.clip_percentiles)).save(out / "nearest")
+    ucfg = RegressionUNetConfig(modalities=tuple(cfg.modalities), channels=tuple(cfg.structure.channels),
+                                steps=args.steps, batch_size=args.batch_size, lr=args.lr, train_crop=args.crop,
+                                lr_schedule="cosine" if args.cosine else "constant", bf16=args.bf16, seed=args.seed,
+                                preprocess=asdict(cfg.preprocess))
+    flops = step_flops(ucfg)
+    if args.budget_tflop:
+        ucfg = RegressionUNetConfig(**{**asdict(ucfg), "steps": max(1, round(args.budget_tflop * 1e12 / flops))})
+    log.info("regression U-Net: %d steps x %.1f GFLOP = %.0f TFLOP on %d cases", ucfg.steps, flops / 1e9,
+             ucfg.steps * flops / 1e12, len(train))
+    unet = RegressionUNetBaseline.train(train, ucfg, threads=args.threads)
+    unet.record.update(step_gflop=round(flops / 1e9, 2), train_tflop=round(ucfg.steps * flops / 1e12, 1),
+                       threads=args.threads)
+    unet.save(out / "unet")
+    log.info("baselines written to %s (U-Net %.0f s)", out, unet.record["seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -45,9 +45,7 @@ def ensure_model(env: dict[str, str]) -> None:
     """Serve the bundled default model; if it is absent, a random tiny model built by model/ itself."""
     checkpoint = get_settings().inference.checkpoint
     if (checkpoint / "config.json").exists():
-        if "MSGLDM_INFERENCE__CHECKPOINT" not in env:  # the shipped default: as good at 10 steps as at 100
-            env.setdefault("MSGLDM_INFERENCE__DEFAULT_STEPS", "10")  # (quality vs steps: docs/benchmarks.md)
-        return
+        return  # served at its own diffusion.default_steps (config.json)
     fallback = VAR / "models" / "tiny-random"
     if not (fallback / "config.json").exists():
         from model.checkpoint import init_checkpoint

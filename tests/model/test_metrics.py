@@ -12,6 +12,7 @@ from model.metrics import (
     dice_regions,
     mae,
     mse,
+    normalize_in_mask,
     percentile_normalize,
     psnr,
     psnr_slices,
@@ -19,6 +20,8 @@ from model.metrics import (
     ssim_3d,
     ssim_slices,
 )
+
+from .conftest import DATA
 
 
 def _explicit_center_ssim(x: np.ndarray, y: np.ndarray, data_range: float = 1.0) -> float:
@@ -171,3 +174,25 @@ def test_ssim_in_masks_matches_masked_ssim():
     out = ssim_in_masks(x, y, {"in": inner, "out": ~inner, "none": np.zeros(x.shape, bool)})
     assert out["in"] == pytest.approx(ssim(x, y, mask=inner)) and out["out"] == pytest.approx(ssim(x, y, mask=~inner))
     assert np.isnan(out["none"])
+
+
+@pytest.mark.skipif(not (DATA / "tcga_du_7294_preprocessed").is_dir(), reason="../shared/data is absent")
+def test_psnr_and_ssim_equal_scikit_images_on_real_volumes():
+    """Cross-check against scikit-image (Gaussian window, sigma 1.5, population covariance: Wang et al. 2004)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from model.io.nifti import read_nifti
+
+    folder = DATA / "tcga_du_7294_preprocessed"
+    t1, t2 = (read_nifti(folder / f"TCGA-DU-7294_{m}.nii.gz").data for m in ("t1", "t2"))
+    mask = (t1 > 0) | (t2 > 0)
+    a, b = (normalize_in_mask(v, mask) for v in (t1, t2))
+    a, b = a[40:200, 40:200, 60:100], b[40:200, 40:200, 60:100]  # a 160x160x40 block through the brain
+    kw = {"data_range": 1.0, "gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False}
+    assert psnr(a, b) == pytest.approx(peak_signal_noise_ratio(b, a, data_range=1.0), abs=1e-3)
+    assert ssim(a, b) == pytest.approx(structural_similarity(a, b, **kw), abs=1e-3)
+    per_slice = ssim_slices(a, b, axis=2)
+    for z in (0, 17, 39):
+        assert per_slice[z] == pytest.approx(structural_similarity(a[..., z], b[..., z], **kw), abs=1e-3)
+        assert psnr_slices(a, b, axis=2)[z] == pytest.approx(
+            peak_signal_noise_ratio(b[..., z], a[..., z], data_range=1.0), abs=1e-3)
