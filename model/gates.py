@@ -171,3 +171,37 @@ def stage2(
     detail.update(z0_error_ratio=round(ratio, 4), psnr_spread=round(spread, 3), ratio_threshold=ratio_threshold)
     passed = spread > spread_threshold and ratio <= ratio_threshold
     return Gate(2, "input_dependence_psnr_spread", spread, spread_threshold, passed, detail)
+
+
+@torch.no_grad()
+def sampler_table(
+    model: MSGLDM,
+    val: SliceDataset,
+    settings: list[tuple[int, float]],
+    n: int = 16,
+) -> list[dict]:
+    """Quality against the sampler's settings on the validation slices: for each ``(steps, eta)``, brain PSNR and
+    SSIM (in [0, 1], Gaussian 11/1.5) of every target from the other three, mean over targets, and seconds per
+    slice. The default ``(steps, eta)`` is chosen from this table (docs/model.md)."""
+    import time
+
+    from model.losses import ssim
+
+    x = val.x[_indices(val, n)].float()
+    mask = _brain(x)
+    m = x.shape[1]
+    rows = []
+    for steps, eta in settings:
+        psnrs, ssims, t0 = [], [], time.perf_counter()
+        for j in range(m):
+            available = torch.ones(len(x), m, dtype=torch.bool)
+            available[:, j] = False
+            pred = model.sample(x, available, steps, seed=0, eta=eta)[:, j]
+            psnrs.append(_psnr(pred, x[:, j], mask))
+            p01, t01 = (pred.float().clamp(-1, 1)[:, None] + 1) / 2, (x[:, j : j + 1] + 1) / 2
+            ssims.append(float(ssim(p01 * mask[:, None], t01 * mask[:, None], 1.0).mean()))
+        rows.append({"steps": steps, "eta": eta, "psnr": round(float(np.mean(psnrs)), 3),
+                     "ssim": round(float(np.mean(ssims)), 4),
+                     "seconds_per_slice": round((time.perf_counter() - t0) / (m * len(x)), 3),
+                     "per_target_psnr": dict(zip(model.modalities, (round(p, 3) for p in psnrs), strict=True))})
+    return rows

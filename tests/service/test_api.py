@@ -73,7 +73,6 @@ def test_roles(app_client, stack, study):
     assert_problem(app_client.get(url, headers=auth("msk_forged")), 401, "unauthorized")
     assert_problem(app_client.get(url, headers={"Authorization": "Basic abc"}), 401, "unauthorized")
     assert_problem(app_client.get(url, headers=auth(bob)), 404, "job_not_found")  # no leak that it exists
-    assert bob not in {j["id"] for j in app_client.get("/api/v1/jobs", headers=auth(bob)).json()["items"]}
     assert app_client.get("/api/v1/jobs", headers=auth(bob)).json()["items"] == []
     assert app_client.get(url, headers=auth(radiologist)).status_code == 200
     assert app_client.get(url, headers=auth(admin)).status_code == 200
