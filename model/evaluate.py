@@ -452,6 +452,39 @@ def figure(path: Path, case_id: str, target: str, study: dict[str, Volume], pred
     return path
 
 
+def input_dependence_figure(results: Sequence[dict], path: Path) -> Path | None:
+    """One panel per target: mean 2D PSNR over the cases for every input subset evaluated (by size), one marker
+    per method: how much the synthesis depends on which inputs it gets. None when fewer than two subsets."""
+    groups: dict[tuple[str, str, tuple[str, ...]], list[float]] = defaultdict(list)
+    for r in results:
+        groups[(r["target"], r["method"], tuple(r["available"]))].append(r["paper_psnr"])
+    targets = [t for t in TABLE_TARGET_ORDER if any(k[0] == t for k in groups)]
+    if len({k[2] for k in groups}) < 2 or not targets:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in ("msgldm", "nearest", "unet") if any(k[1] == m for k in groups)]
+    fig, axes = plt.subplots(1, len(targets), figsize=(3.6 * len(targets), 3.4), squeeze=False)
+    for ax, t in zip(axes[0], targets, strict=True):
+        subsets = sorted({k[2] for k in groups if k[0] == t}, key=lambda s: (len(s), s))
+        for i, m in enumerate(methods):
+            ys = [float(np.mean(groups[(t, m, s)])) if (t, m, s) in groups else np.nan for s in subsets]
+            ax.plot(np.arange(len(subsets)) + (i - 1) * 0.12, ys, "o", label=METHOD_LABELS.get(m, m), ms=5)
+        ax.set_xticks(range(len(subsets)), ["+".join(s) for s in subsets], rotation=60, fontsize=7)
+        ax.set_title(f"{t.upper()}: 2D PSNR by inputs", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("dB (mean over cases)")
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 # ===================================================================================== CLI
 
 
@@ -599,6 +632,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         eval_cases, methods, modalities, cfg.preprocess, steps=args.steps, seed=args.seed,
         counts=_parse_counts(args.available), max_subsets=args.max_subsets, targets=targets,
         max_slices=args.max_slices, segmenter=segmenter, figures_dir=out / "figures", ceilings=ceilings)
+    input_dependence_figure(results, out / "figures" / "input_dependence.png")
     figures = {p.stem: f"figures/{p.name}" for p in sorted((out / "figures").glob("*.png"))}
     report = {
         "title": args.title or f"{cfg.name} checkpoint on {', '.join(c.id for c in eval_cases)}",
@@ -682,6 +716,8 @@ def merge_reports(paths: Sequence[str | Path], out: str | Path, title: str | Non
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if input_dependence_figure(results, out / "figures" / "input_dependence.png") is not None:
+        merged["figures"]["input_dependence"] = "figures/input_dependence.png"
     (out / "report.json").write_text(json.dumps(merged, indent=1, default=_json_default))
     (out / "report.md").write_text(markdown_report(merged))
     return merged

@@ -205,3 +205,58 @@ def sampler_table(
                      "seconds_per_slice": round((time.perf_counter() - t0) / (m * len(x)), 3),
                      "per_target_psnr": dict(zip(model.modalities, (round(p, 3) for p in psnrs), strict=True))})
     return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Recompute the gates of a checkpoint on its recorded validation split, and the sampler table."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from model.checkpoint import load_checkpoint
+    from model.data import find_cases
+
+    p = argparse.ArgumentParser(prog="python -m model.gates", description=main.__doc__)
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--data", required=True, nargs="+")
+    p.add_argument("--sampler", default="1:0,5:0,10:0,25:0,10:1",
+                   help="steps:eta settings of the sampler table (empty: none)")
+    p.add_argument("--train-slices", type=int, default=256, help="training slices for the baselines' statistics "
+                   "and the mean latent")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="JSON file for the result (default: print only)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_checkpoint(args.checkpoint)
+    cfg = model.cfg
+    split = json.loads((args.checkpoint / "metrics.json").read_text()).get("split") or {}
+    if not split.get("val"):
+        raise SystemExit(f"{args.checkpoint} records no validation split")
+    by_id = {c.id: c for c in find_cases(args.data)}
+    val = SliceDataset([by_id[c] for c in split["val"]], cfg)
+    train = SliceDataset([by_id[c] for c in split["train"]], cfg)
+    train.x = train.x[_indices(train, args.train_slices)]
+    use_bf16 = cfg.train.cpu_bf16 and torch.backends.mkldnn.is_available()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+        z_mean = torch.cat(
+            [model.encode_latents(train.x[i : i + 32].float()).float() for i in range(0, len(train.x), 32)]
+        ).mean(0)
+        gates = [stage0(model, val, cfg.train.gate_stage0_psnr), stage1(model, train, val),
+                 stage2(model, val, z_mean, cfg.train.gate_stage2_spread, cfg.train.gate_stage2_ratio)]
+        settings = [(int(s), float(e)) for s, e in (item.split(":") for item in args.sampler.split(",") if item)]
+        table = sampler_table(model, val, settings) if settings else []
+    result = {"checkpoint": str(args.checkpoint), "val": split["val"],
+              "gates": {f"stage{g.stage}": g.to_dict() for g in gates}, "sampler": table}
+    for g in gates:
+        print(g.message())
+    for row in table:
+        print(f"steps {row['steps']:>3} eta {row['eta']:.1f}: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}, "
+              f"{row['seconds_per_slice']:.3f} s/slice")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

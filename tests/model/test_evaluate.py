@@ -204,3 +204,15 @@ def test_recorded_split_is_read_from_the_checkpoint(tmp_path):
     assert recorded_split(tmp_path) == {"train": ["a", "b"], "val": ["c"]}
     (tmp_path / "metrics.json").write_text("{}")
     assert recorded_split(tmp_path) is None
+
+
+def test_input_dependence_figure_needs_two_subsets_and_draws_one_panel_per_target(tmp_path):
+    from model.evaluate import input_dependence_figure
+
+    rows = [{"target": t, "method": m, "available": list(a), "paper_psnr": 20.0 + len(a) + (m == "msgldm")}
+            for t in ("t1", "flair") for m in ("msgldm", "nearest") for a in (("t2",), ("t2", "t1ce"))
+            if t not in a]
+    path = input_dependence_figure(rows, tmp_path / "dep.png")
+    assert path is not None and path.stat().st_size > 5000
+    one = [r for r in rows if r["available"] == ["t2"]]
+    assert input_dependence_figure(one, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

@@ -257,6 +257,9 @@ def test_training_run_end_to_end(service, datasets, monkeypatch):
         stages = [h["stage"] for h in run["history"]]
         assert stages == [0, 1, 2], run["history"]  # stage 0 validated once: attempt 2 resumed, did not redo it
         assert all(h["losses"] and h["val"] and h["epoch"] is not None for h in run["history"])
+        # the trainer's gates reach the run (tiny: recorded, not stopping), one per stage, across both attempts
+        assert sorted(run["gates"]) == ["stage0", "stage1", "stage2"], run["gates"]
+        assert run["gates"]["stage0"]["name"] == "autoencoder_brain_psnr" and run["gates"]["stage0"]["threshold"] == 28
 
         models = admin.get("/api/v1/models").json()
         candidate = next(m for m in models["items"] if m["version"] == run["model_version"])
