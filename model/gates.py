@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="steps:eta settings of the sampler table (empty: none)")
     p.add_argument("--train-slices", type=int, default=256, help="training slices for the baselines' statistics "
                    "and the mean latent")
+    p.add_argument("--sampler-only", action="store_true", help="only the sampler table (the gates are in the "
+                   "checkpoint's metrics.json already)")
+    p.add_argument("--slices", type=int, default=16, help="validation slices of the sampler table")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON file for the result (default: print only)")
     args = p.parse_args(argv)
@@ -235,17 +238,19 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.checkpoint} records no validation split")
     by_id = {c.id: c for c in find_cases(args.data)}
     val = SliceDataset([by_id[c] for c in split["val"]], cfg)
-    train = SliceDataset([by_id[c] for c in split["train"]], cfg)
-    train.x = train.x[_indices(train, args.train_slices)]
     use_bf16 = cfg.train.cpu_bf16 and torch.backends.mkldnn.is_available()
+    gates: list[Gate] = []
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-        z_mean = torch.cat(
-            [model.encode_latents(train.x[i : i + 32].float()).float() for i in range(0, len(train.x), 32)]
-        ).mean(0)
-        gates = [stage0(model, val, cfg.train.gate_stage0_psnr), stage1(model, train, val),
-                 stage2(model, val, z_mean, cfg.train.gate_stage2_spread, cfg.train.gate_stage2_ratio)]
+        if not args.sampler_only:
+            train = SliceDataset([by_id[c] for c in split["train"]], cfg)
+            train.x = train.x[_indices(train, args.train_slices)]
+            z_mean = torch.cat(
+                [model.encode_latents(train.x[i : i + 32].float()).float() for i in range(0, len(train.x), 32)]
+            ).mean(0)
+            gates = [stage0(model, val, cfg.train.gate_stage0_psnr), stage1(model, train, val),
+                     stage2(model, val, z_mean, cfg.train.gate_stage2_spread, cfg.train.gate_stage2_ratio)]
         settings = [(int(s), float(e)) for s, e in (item.split(":") for item in args.sampler.split(",") if item)]
-        table = sampler_table(model, val, settings) if settings else []
+        table = sampler_table(model, val, settings, n=args.slices) if settings else []
     result = {"checkpoint": str(args.checkpoint), "val": split["val"],
               "gates": {f"stage{g.stage}": g.to_dict() for g in gates}, "sampler": table}
     for g in gates:
