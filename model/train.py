@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,7 +45,6 @@ from model.losses import (
 from model.msgldm import MSGLDM
 
 log = logging.getLogger("model.train")
-STEP_HOOK: Callable[[int, int], None] | None = None  # (stage, step) after each step; tests use it to interrupt
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -413,8 +412,6 @@ def train_stage(
             trainable.train()
         if step % cfg.train.ckpt_every == 0 or step == steps:
             _save_stage(run, stage, snapshot())
-        if STEP_HOOK is not None:
-            STEP_HOOK(stage, step)
     bar.close()
     return last_val
 

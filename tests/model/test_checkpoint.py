@@ -84,9 +84,16 @@ DEFAULT = Path(__file__).parents[2] / "model" / "default"
 
 
 @pytest.mark.skipif(not (DEFAULT / "config.json").is_file(), reason="model/default has no checkpoint")
-def test_the_shipped_default_model_loads_and_fits_the_size_budget():
+def test_the_shipped_default_model_loads_fits_the_size_budget_and_records_its_split_and_gates():
     model = load_checkpoint(DEFAULT)
-    assert model.cfg.modalities == ("t1", "t2", "t1ce", "flair") and model.cfg.name == "tiny"
-    assert checkpoint_version(DEFAULT).startswith("msgldm-tiny-")
-    assert json.loads((DEFAULT / "metrics.json").read_text())["trained"] is True
+    assert model.cfg.modalities == ("t1", "t2", "t1ce", "flair") and model.cfg.name == "cpu"
+    assert checkpoint_version(DEFAULT).startswith("msgldm-cpu-")
+    metrics = json.loads((DEFAULT / "metrics.json").read_text())
+    assert metrics["trained"] is True and sorted(metrics["gates"]) == ["stage0", "stage1", "stage2"]
+    split = metrics["split"]  # the held-out test cases were never trained on
+    assert {"BraTS-GLI-00001-000", "TCGA-DU-7294"} <= set(split["test"]) and len(split["test"]) >= 4
+    assert not set(split["test"]) & set(split["train"]) and not set(split["val"]) & set(split["train"])
+    text = "".join(f.read_text() for f in DEFAULT.glob("*.json")) + (DEFAULT / "TRAINING.md").read_text()
+    assert "/work/" not in text and "/home/" not in text  # no absolute development paths
+    assert not (DEFAULT / "training").exists()
     assert sum(f.stat().st_size for f in DEFAULT.rglob("*") if f.is_file()) <= 30 * 2**20

@@ -92,13 +92,15 @@ def test_three_stages_train_get_interrupted_and_resume(tmp_path, dataset_root, m
     preset.write_text(yaml.safe_dump(json.loads(micro_config().to_json())))
     out = tmp_path / "run"
     calls: list[tuple[int, int]] = []
+    save = train_mod._save_stage
 
-    def interrupt(stage: int, step: int) -> None:
-        calls.append((stage, step))
-        if (stage, step) == (2, 2):
+    def interrupt(run, stage: int, state: dict) -> None:  # the micro config checkpoints every step
+        save(run, stage, state)
+        calls.append((stage, state["step"]))
+        if (stage, state["step"]) == (2, 2):
             raise KeyboardInterrupt  # killed in the middle of stage 2
 
-    monkeypatch.setattr(train_mod, "STEP_HOOK", interrupt)
+    monkeypatch.setattr(train_mod, "_save_stage", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train_mod.main(_args(preset, dataset_root, out, "2,2,4"))
     assert calls == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
@@ -108,7 +110,8 @@ def test_three_stages_train_get_interrupted_and_resume(tmp_path, dataset_root, m
     assert len(split["train"]) == 1 and len(split["val"]) == 1 and not set(split["train"]) & set(split["val"])
 
     calls.clear()
-    monkeypatch.setattr(train_mod, "STEP_HOOK", lambda stage, step: calls.append((stage, step)))
+    monkeypatch.setattr(train_mod, "_save_stage",
+                        lambda run, stage, state: (save(run, stage, state), calls.append((stage, state["step"]))))
     dest = train_mod.main(_args(preset, dataset_root, out, "2,2,4"))
     assert calls == [(2, 3), (2, 4)]  # stages 0-1 were done; stage 2 resumed at step 2
     assert dest == out / "model"
