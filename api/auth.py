@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api import ratelimit
+from api import admission
 from api.core.models import ApiKey, Role, utcnow
 from api.core.settings import get_settings
 from api.deps import SessionDep
@@ -48,7 +48,7 @@ def current_key(request: Request, session: SessionDep) -> ApiKey:
     if row.expires_at is not None and row.expires_at <= utcnow():
         raise _unauthorized("the API key has expired")
     request.state.key_id = row.id
-    ratelimit.hit(session, f"key:{row.id}", get_settings().api.rate_limit_per_minute)
+    admission.hit(session, f"key:{row.id}", get_settings().api.rate_limit_per_minute)
     return row
 
 

@@ -12,8 +12,8 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from api import errors
+from api.body_limit import BodySizeLimit
 from api.core.settings import get_settings
-from api.limits import BodySizeLimit
 from api.metrics import MetricsMiddleware
 from api.routes import admin, audit, health, jobs, models, synthesize
 from api.schemas import Problem

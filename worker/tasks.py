@@ -20,7 +20,7 @@ from api.core.queue import SYNTHESIZE_TASK, publish_synthesis
 from api.core.settings import get_settings
 from api.core.storage import StorageError, get_storage
 from model import errors as model_errors
-from worker import io, runtime
+from worker import files, runtime
 from worker.app import app
 from worker.report import write_report
 
@@ -89,7 +89,7 @@ def _write_results(job: Job, claim: jobs.Claim, result: Any, record: dict[str, A
     storage = get_storage()
     prefix = f"jobs/{job.id}/attempt-{claim.attempt}"
     results: dict[str, str] = {}
-    for name, path in io.write_result_files(job, result, study, workdir).items():
+    for name, path in files.write_result_files(job, result, study, workdir).items():
         storage.put_file(f"{prefix}/{name}", path)
         results[name] = f"{prefix}/{name}"
     results |= write_report(job, result, record, study, workdir, storage, prefix)  # preview.png, report.html
@@ -120,7 +120,7 @@ def run_job(job_id: str) -> str:
             synth = runtime.get_synthesizer()
             lease.update(model_version=synth.version, phase="reading")
             t0 = time.perf_counter()
-            study = io.read_inputs(job, workdir)
+            study = files.read_inputs(job, workdir)
             timings["read"] = time.perf_counter() - t0
 
             def progress(phase: str, fraction: float) -> None:
@@ -137,7 +137,7 @@ def run_job(job_id: str) -> str:
                 "job_id": job.id, "attempt": claim.attempt, "model_version": synth.version,
                 "device": runtime.device_name(), "seed": job.seed, "steps": steps,
                 "samples": job.samples, "targets": job.targets,
-                "inputs": io.input_record(job, study),
+                "inputs": files.input_record(job, study),
                 "timings_seconds": timings,
                 "synthesis": getattr(result, "meta", {}),  # reference modality, slices, eta, warnings
             }

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import ratelimit
+from api import admission
 from api.auth import require
 from api.core import audit, registry
 from api.core.models import ApiKey, Job, Role, new_id
@@ -230,7 +230,7 @@ async def synthesize(request: Request, response: Response, session: SessionDep, 
         modalities = tuple(served.modalities) if served is not None and served.modalities else serving_modalities()
     except ModelUnavailable as exc:
         raise unavailable("model_unavailable", str(exc)) from exc
-    await run_in_threadpool(ratelimit.admit_submission, session, key)
+    await run_in_threadpool(admission.admit_submission, session, key)
     settings = get_settings()
     try:
         form = await request.form(max_files=settings.dicom.max_files + len(modalities), max_fields=len(OPTIONS) + 1)
