@@ -85,6 +85,8 @@ class Run:
     def begin_stage(self, stage: int, steps: int, batch: int, slices: int) -> None:
         """Record a stage's target before it trains (``slices`` per epoch, ``batch`` per process)."""
         self._per_epoch[stage] = slices / max(batch * self.world, 1)
+        if not self.is_main:
+            return
         entry = self.progress["stages"].setdefault(str(stage), {"step": 0, "finished": False})
         entry["steps"] = steps
         self.progress["stage"] = stage
