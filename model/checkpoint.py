@@ -4,6 +4,10 @@
 ``autoencoder.safetensors``, ``structure.safetensors``, ``unet.safetensors`` (the UNet's EMA weights)
 ``metrics.json``         training/evaluation record (may be ``{}``)
 
+:func:`export_for_serving` writes a compact copy for the service: float16 weights and without the structure
+model's training-only parts (the reconstruction decoders D_rec and the style encoders, which synthesis and
+segmentation never run); :func:`load_checkpoint` reads both forms into float32 modules.
+
 The version is a content hash of config.json and the weight files: ``msgldm-<name>-<12 hex>``.
 """
 
@@ -20,6 +24,8 @@ from model.config import MSGLDMConfig, load_preset
 from model.errors import CheckpointError
 from model.msgldm import MSGLDM
 
+# structure-model parameters used only by the stage-1 losses (D_rec, E_sty, the L_sc temperature)
+TRAINING_ONLY = ("decoders.", "style_encoders.", "log_tau")
 WEIGHT_FILES = {
     "autoencoder": "autoencoder.safetensors",
     "structure": "structure.safetensors",
@@ -71,11 +77,37 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> MSG
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} lacks {name}")
-        try:
-            getattr(model, part).load_state_dict(load_file(str(f)), strict=True)
+        module = getattr(model, part)
+        state = load_file(str(f))
+        training_only = {k for k in module.state_dict() if part == "structure" and k.startswith(TRAINING_ONLY)}
+        compact = bool(training_only) and not training_only & set(state)
+        try:  # float16 tensors of an export are cast into the float32 parameters
+            missing, unexpected = module.load_state_dict(state, strict=False)
         except RuntimeError as exc:
             raise CheckpointError(f"{f} does not match config.json: {exc}") from exc
+        bad = sorted(set(missing) - (training_only if compact else set())) + sorted(unexpected)
+        if bad:
+            raise CheckpointError(f"{f} does not match config.json: missing or unexpected keys {bad[:8]}")
     return model.to(device).eval()
+
+
+def export_for_serving(src: str | Path, dest: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """A serving copy of checkpoint ``src`` in ``dest``: weights in ``dtype``, without :data:`TRAINING_ONLY`
+    (fine-tuning stage 1 from it starts those parts afresh). config.json and metrics.json are copied."""
+    src, dest = Path(src), Path(dest)
+    read_config(src)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "metrics.json"):
+        (dest / name).write_bytes((src / name).read_bytes())
+    for part, name in WEIGHT_FILES.items():
+        state = load_file(str(src / name))
+        if part == "structure":
+            state = {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        save_file(_contiguous(state), str(dest / name),
+                  metadata={"format": "msgldm", "config": "config.json", "export": f"serving {dtype}"})
+        (dest / name).chmod(0o644)
+    return dest
 
 
 def checkpoint_version(path: str | Path) -> str:
@@ -104,3 +136,11 @@ def init_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = MSGLDM(cfg)
     return save_checkpoint(model, out_dir, metrics={"trained": False, "note": "random weights", "seed": seed})
+
+
+if __name__ == "__main__":  # python -m model.checkpoint export SRC DEST
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "export":
+        raise SystemExit("usage: python -m model.checkpoint export SRC DEST")
+    print(export_for_serving(sys.argv[2], sys.argv[3]))

@@ -13,6 +13,8 @@ from model.config import load_preset
 from model.errors import CheckpointError
 from model.msgldm import MSGLDM
 
+from .conftest import micro_config
+
 
 def test_round_trip_gives_identical_outputs(tmp_path, micro_cfg):
     torch.manual_seed(0)
@@ -97,3 +99,33 @@ def test_the_shipped_default_model_loads_fits_the_size_budget_and_records_its_sp
     assert "/work/" not in text and "/home/" not in text  # no absolute development paths
     assert not (DEFAULT / "training").exists()
     assert sum(f.stat().st_size for f in DEFAULT.rglob("*") if f.is_file()) <= 30 * 2**20
+
+
+def test_serving_export_is_compact_and_synthesizes_like_the_original(tmp_path):
+    """float16 weights without D_rec and the style encoders: same structure condition and samples within fp16 error."""
+    from model.checkpoint import TRAINING_ONLY, export_for_serving
+
+    torch.manual_seed(0)
+    model = MSGLDM(micro_config())
+    torch.nn.init.normal_(model.unet.conv_out.weight, std=0.1)
+    full = save_checkpoint(model, tmp_path / "full")
+    small = export_for_serving(full, tmp_path / "small")
+    size = {d: sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in (full, small)}
+    assert size[small] < 0.5 * size[full]
+    a, b = load_checkpoint(full), load_checkpoint(small)
+    assert all(p.dtype == torch.float32 for p in b.parameters())
+    x = torch.rand(2, 4, 32, 32) * 2 - 1
+    avail = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        fa, fb = a.condition(x, avail), b.condition(x, avail)
+        assert (fa - fb).abs().max() < 1e-2 * fa.abs().max()
+        sa, sb = a.sample(x, avail, 3, seed=0), b.sample(x, avail, 3, seed=0)
+    assert (sa - sb).abs().max() < 0.05
+    # a structure file that lacks only some of the training-only parts, or anything else, is refused
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(full / "structure.safetensors"))
+    partial = {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY[0])}
+    save_file(partial, str(small / "structure.safetensors"))
+    with pytest.raises(CheckpointError, match="missing or unexpected"):
+        load_checkpoint(small)
