@@ -458,8 +458,9 @@ def input_dependence_figure(results: Sequence[dict], path: Path) -> Path | None:
     groups: dict[tuple[str, str, tuple[str, ...]], list[float]] = defaultdict(list)
     for r in results:
         groups[(r["target"], r["method"], tuple(r["available"]))].append(r["paper_psnr"])
-    targets = [t for t in TABLE_TARGET_ORDER if any(k[0] == t for k in groups)]
-    if len({k[2] for k in groups}) < 2 or not targets:
+    subsets_of = {t: {k[2] for k in groups if k[0] == t} for t in TABLE_TARGET_ORDER}
+    targets = [t for t in TABLE_TARGET_ORDER if len(subsets_of[t]) >= 2]  # targets seen with several input sets
+    if not targets:
         return None
     import matplotlib
 
@@ -469,11 +470,12 @@ def input_dependence_figure(results: Sequence[dict], path: Path) -> Path | None:
     methods = [m for m in ("msgldm", "nearest", "unet") if any(k[1] == m for k in groups)]
     fig, axes = plt.subplots(1, len(targets), figsize=(3.6 * len(targets), 3.4), squeeze=False)
     for ax, t in zip(axes[0], targets, strict=True):
-        subsets = sorted({k[2] for k in groups if k[0] == t}, key=lambda s: (len(s), s))
+        subsets = sorted(subsets_of[t], key=lambda s: (len(s), s))
         for i, m in enumerate(methods):
             ys = [float(np.mean(groups[(t, m, s)])) if (t, m, s) in groups else np.nan for s in subsets]
             ax.plot(np.arange(len(subsets)) + (i - 1) * 0.12, ys, "o", label=METHOD_LABELS.get(m, m), ms=5)
         ax.set_xticks(range(len(subsets)), ["+".join(s) for s in subsets], rotation=60, fontsize=7)
+        ax.set_xlim(-0.5, len(subsets) - 0.5)
         ax.set_title(f"{t.upper()}: 2D PSNR by inputs", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("dB (mean over cases)")

@@ -216,3 +216,6 @@ def test_input_dependence_figure_needs_two_subsets_and_draws_one_panel_per_targe
     assert path is not None and path.stat().st_size > 5000
     one = [r for r in rows if r["available"] == ["t2"]]
     assert input_dependence_figure(one, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    # one subset per target (3 inputs -> each target) is no input dependence either
+    per_target = [{**r, "available": [m for m in ("t1", "t2", "t1ce", "flair") if m != r["target"]]} for r in one]
+    assert input_dependence_figure(per_target, tmp_path / "none.png") is None
