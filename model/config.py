@@ -243,6 +243,8 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"  # per stage, after warmup_steps of linear warm-up
     warmup_steps: int = 0
     cpu_bf16: bool = False  # bf16 autocast on the CPU in stages 0-1 (CUDA always uses bf16)
+    stage0_train: Literal["all", "decoder"] = "all"  # decoder: the encoder frozen, so the latents (and a trained
+    # stage 2 on them) stay valid while the decoder trains on (fine-tunes from --init)
     fs_cache_subsets: int = 0  # stage 2: F_s precomputed for this many random input subsets per slice (0: on the fly)
     stage0_steps: int = 100_000
     stage1_steps: int = 50_000
@@ -267,6 +269,8 @@ class TrainConfig:
                f"got {self.stage_batch_sizes}")
         _check(self.lr_schedule in ("constant", "cosine"), f"train.lr_schedule must be constant|cosine, "
                f"got {self.lr_schedule!r}")
+        _check(self.stage0_train in ("all", "decoder"), f"train.stage0_train must be all|decoder, "
+               f"got {self.stage0_train!r}")
 
 
 @dataclass(frozen=True)

@@ -177,12 +177,13 @@ def stage2(
 def sampler_table(
     model: MSGLDM,
     val: SliceDataset,
-    settings: list[tuple[int, float]],
+    settings: list[tuple[int, float, int]],
     n: int = 16,
 ) -> list[dict]:
-    """Quality against the sampler's settings on the validation slices: for each ``(steps, eta)``, brain PSNR and
-    SSIM (in [0, 1], Gaussian 11/1.5) of every target from the other three, mean over targets, and seconds per
-    slice. The default ``(steps, eta)`` is chosen from this table (docs/model.md)."""
+    """Quality against the sampler's settings on the validation slices: for each ``(steps, eta, samples)``, brain
+    PSNR and SSIM (in [0, 1], Gaussian 11/1.5) of every target from the other three, the output being the mean of
+    ``samples`` samples (seeds 0, 1, ...) as the pipeline averages them, mean over targets, and seconds per slice.
+    The default sampler is chosen from this table (docs/model.md)."""
     import time
 
     from model.losses import ssim
@@ -191,20 +192,29 @@ def sampler_table(
     mask = _brain(x)
     m = x.shape[1]
     rows = []
-    for steps, eta in settings:
+    for steps, eta, samples in settings:
         psnrs, ssims, t0 = [], [], time.perf_counter()
         for j in range(m):
             available = torch.ones(len(x), m, dtype=torch.bool)
             available[:, j] = False
-            pred = model.sample(x, available, steps, seed=0, eta=eta)[:, j]
+            pred = sum(model.sample(x, available, steps, seed=k, eta=eta)[:, j].float() for k in range(samples))
+            pred = pred / samples
             psnrs.append(_psnr(pred, x[:, j], mask))
             p01, t01 = (pred.float().clamp(-1, 1)[:, None] + 1) / 2, (x[:, j : j + 1] + 1) / 2
             ssims.append(float(ssim(p01 * mask[:, None], t01 * mask[:, None], 1.0).mean()))
-        rows.append({"steps": steps, "eta": eta, "psnr": round(float(np.mean(psnrs)), 3),
+        rows.append({"steps": steps, "eta": eta, "samples": samples, "psnr": round(float(np.mean(psnrs)), 3),
                      "ssim": round(float(np.mean(ssims)), 4),
                      "seconds_per_slice": round((time.perf_counter() - t0) / (m * len(x)), 3),
                      "per_target_psnr": dict(zip(model.modalities, (round(p, 3) for p in psnrs), strict=True))})
     return rows
+
+
+def _setting(item: str) -> tuple[int, float, int]:
+    """``steps:eta[:samples]`` -> ``(steps, eta, samples)``."""
+    parts = item.split(":")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"--sampler: {item!r} is not steps:eta[:samples]")
+    return int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) == 3 else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.gates", description=main.__doc__)
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--data", required=True, nargs="+")
-    p.add_argument("--sampler", default="1:0,5:0,10:0,25:0,10:1",
-                   help="steps:eta settings of the sampler table (empty: none)")
+    p.add_argument("--sampler", default="1:0,5:0,10:0,25:0,10:1,5:0:4,10:0:4",
+                   help="steps:eta[:samples] settings of the sampler table (empty: none; samples default 1)")
     p.add_argument("--train-slices", type=int, default=256, help="training slices for the baselines' statistics "
                    "and the mean latent")
     p.add_argument("--sampler-only", action="store_true", help="only the sampler table (the gates are in the "
@@ -249,14 +259,15 @@ def main(argv: list[str] | None = None) -> int:
             ).mean(0)
             gates = [stage0(model, val, cfg.train.gate_stage0_psnr), stage1(model, train, val),
                      stage2(model, val, z_mean, cfg.train.gate_stage2_spread, cfg.train.gate_stage2_ratio)]
-        settings = [(int(s), float(e)) for s, e in (item.split(":") for item in args.sampler.split(",") if item)]
+        settings = [_setting(item) for item in args.sampler.split(",") if item]
         table = sampler_table(model, val, settings, n=args.slices) if settings else []
     result = {"checkpoint": str(args.checkpoint), "val": split["val"],
               "gates": {f"stage{g.stage}": g.to_dict() for g in gates}, "sampler": table}
     for g in gates:
         print(g.message())
     for row in table:
-        print(f"steps {row['steps']:>3} eta {row['eta']:.1f}: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}, "
+        print(f"steps {row['steps']:>3} eta {row['eta']:.1f} samples {row['samples']}: PSNR {row['psnr']:.2f} dB, "
+              f"SSIM {row['ssim']:.4f}, "
               f"{row['seconds_per_slice']:.3f} s/slice")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")

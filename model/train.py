@@ -257,7 +257,12 @@ def train_stage(
 
         disc = PatchDiscriminator(cfg.autoencoder.disc_layers, cfg.autoencoder.disc_channels).to(device)
         trainable: torch.nn.Module = ae
-        opt = torch.optim.Adam(ae.parameters(), lr=cfg.autoencoder.lr, betas=cfg.autoencoder.betas)
+        params = list(ae.parameters())
+        if cfg.train.stage0_train == "decoder":  # latents unchanged: the diffusion trained on them stays valid
+            ae.encoder.requires_grad_(False)
+            ae.quant_conv.requires_grad_(False)
+            params = [p for p in ae.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=cfg.autoencoder.lr, betas=cfg.autoencoder.betas)
         opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.autoencoder.lr, betas=cfg.autoencoder.betas)
     elif stage == 1:
         trainable = sm
@@ -758,20 +763,25 @@ def main(argv: list[str] | None = None) -> Path | None:
                 )
     if world > 1:
         dist.barrier()
-    if 2 not in stages or not run.is_main:
-        return None
+    if (2 not in stages and not args.init) or not run.is_main:
+        return None  # without stage 2 (and nothing to fine-tune from) there is no servable model yet
     state2 = _load_stage(run, 2)
+    base = json.loads((args.init / "metrics.json").read_text()) if args.init else {}
+    steps_done = {f"stage{k}": (_load_stage(run, k) or {}).get("step") for k in range(3)}
     metrics = {
         "trained": True,
-        "steps": {f"stage{k}": (_load_stage(run, k) or {}).get("step") for k in range(3)},
-        "validation": {f"stage{k}": v for k, v in results.items()},
-        "gates": run.progress["gates"],
+        "steps": {k: v if v is not None else (base.get("steps") or {}).get(k) for k, v in steps_done.items()},
+        "validation": {**base.get("validation", {}), **{f"stage{k}": v for k, v in results.items()}},
+        "gates": {**base.get("gates", {}), **run.progress["gates"]},
         "split": json.loads((out / "split.json").read_text()),
         "batch_size": batch,
         "world_size": world,
         "device": str(device),
         "wall_s_this_invocation": round(time.time() - run.t0, 1),
     }
+    if args.init:  # a fine-tune: what it started from, and which stages this run trained
+        metrics["fine_tuned_from"] = {"version": base.get("version") or args.init.name,
+                                      "stages": [f"stage{k}" for k in stages], "base_steps": base.get("steps")}
     dest = save_checkpoint(model, out / "model", metrics=metrics, unet_state=state2.get("ema") if state2 else None)
     log.info("inference checkpoint written to %s", dest)
     return dest

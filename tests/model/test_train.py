@@ -193,6 +193,33 @@ def test_fine_tune_from_a_checkpoint_trains_only_the_stages_asked(tmp_path, data
     assert not (tmp_path / "ft" / "stage0.pt").exists()
 
 
+def test_decoder_only_fine_tune_keeps_the_latents_and_writes_a_servable_checkpoint(tmp_path, dataset_root):
+    """train.stage0_train=decoder from --init: encoder and quant conv frozen (the latents a trained stage 2 sees do
+    not move), the decoder trains, and the run writes a checkpoint that records what it was fine-tuned from."""
+    from model.checkpoint import save_checkpoint
+    from model.msgldm import MSGLDM
+
+    torch.manual_seed(1)
+    base = save_checkpoint(MSGLDM(micro_config()), tmp_path / "base", metrics={"steps": {"stage2": 7}})
+    args = ["--init", str(base), "--stage", "0", "--data", str(dataset_root), "--out", str(tmp_path / "ft"),
+            "--max-steps", "2", "--threads", "1", "--seed", "0", "--ignore-gates", "--set",
+            "train.stage0_train=decoder"]
+    dest = train_mod.main(args)
+    assert dest == tmp_path / "ft" / "model"
+    tuned, start = load_checkpoint(dest), load_checkpoint(base)
+    before = start.autoencoder.state_dict()
+    after = tuned.autoencoder.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("decoder."))
+    before = start.unet.state_dict()
+    assert all(torch.equal(v, before[k]) for k, v in tuned.unet.state_dict().items())
+    metrics = json.loads((dest / "metrics.json").read_text())
+    assert metrics["fine_tuned_from"]["stages"] == ["stage0"]
+    assert metrics["steps"] == {"stage0": 2, "stage1": None, "stage2": 7}
+    assert list(metrics["gates"]) == ["stage0"]
+
+
 def test_ddp_on_cpu_with_two_processes(tmp_path, dataset_root):
     """torchrun with two processes (gloo on CPU): both ranks train, rank 0 writes the checkpoint."""
     import subprocess
