@@ -7,12 +7,20 @@ storage but no SQL one, so the embedded stack would have needed a second impleme
 Fixed one-minute windows: a key can at most double its rate across a window boundary, which is fine for abuse
 control. A counter store that is down does not block requests (logged): the dependency outage itself answers
 503 where it matters.
+
+The shared store is not written on every request. Each API process counts a key's hits itself and adds them to
+the store (INCRBY / one upsert) when its estimate (the shared count it last read plus its own unsent hits)
+reaches half the limit, or at least once a second (``SYNC_SECONDS``), and on the first hit of a window. Far from
+the limit a status poll therefore costs no round trip; near it every hit is counted in the store at once, so
+the limit stays exact for one or two processes (with P processes, a key can overshoot by at most
+(P - 2) / 2 x the limit within one second). docs/benchmarks.md section 3 has the measured effect.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from functools import lru_cache
 
@@ -25,6 +33,7 @@ from api.errors import ProblemError, unavailable
 
 log = logging.getLogger(__name__)
 WINDOW = 60
+SYNC_SECONDS = 1.0
 
 
 @lru_cache
@@ -34,27 +43,63 @@ def _redis(url: str):  # type: ignore[no-untyped-def]
     return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
 
 
-def _count_redis(bucket: str, window: int) -> int:
+def _add_redis(bucket: str, window: int, n: int) -> int:
     name = f"msgldm:rate:{bucket}:{window}"
     pipe = _redis(get_settings().broker.url).pipeline()
-    pipe.incr(name)
+    pipe.incrby(name, n)
     pipe.expire(name, WINDOW * 2)
     return int(pipe.execute()[0])
 
 
-def _count_db(session: Session, bucket: str, window: int) -> int:
+def _add_db(session: Session, bucket: str, window: int, n: int) -> int:
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-    stmt = insert(RateCounter).values(bucket=bucket, window=window, count=1)
-    stmt = stmt.on_conflict_do_update(index_elements=["bucket", "window"], set_={"count": RateCounter.count + 1})
+    stmt = insert(RateCounter).values(bucket=bucket, window=window, count=n)
+    stmt = stmt.on_conflict_do_update(index_elements=["bucket", "window"], set_={"count": RateCounter.count + n})
     count = session.execute(stmt.returning(RateCounter.count)).scalar_one()
-    if count == 1:  # the first request of a window clears the windows before the last one
+    if count == n:  # the first hits of a window clear the windows before the last one
         session.execute(delete(RateCounter).where(RateCounter.window < window - 1))
     session.commit()
     return int(count)
+
+
+class _Counts:
+    """This process's view of each (bucket, window): the shared count it last read, its hits not yet added to
+    the store, and when it last synchronised."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.shared: dict[tuple[str, int], int] = {}
+        self.pending: dict[tuple[str, int], int] = {}
+        self.synced: dict[tuple[str, int], float] = {}
+        self.window = 0
+
+    def count(self, bucket: str, window: int, limit: int, now: float) -> tuple[int, int]:
+        """One hit: ``(estimate, hits to add to the store now)`` (0: no round trip needed)."""
+        with self.lock:
+            if window != self.window:  # a new minute: forget the windows before it
+                for d in (self.shared, self.pending, self.synced):
+                    for k in [k for k in d if k[1] < window]:
+                        del d[k]
+                self.window = window
+            key = (bucket, window)
+            self.pending[key] = self.pending.get(key, 0) + 1
+            estimate = self.shared.get(key, 0) + self.pending[key]
+            if 2 * estimate >= limit or now - self.synced.get(key, -math.inf) >= SYNC_SECONDS:
+                self.synced[key] = now
+                return estimate, self.pending.pop(key)
+            return estimate, 0
+
+    def store(self, bucket: str, window: int, count: int) -> None:
+        with self.lock:
+            key = (bucket, window)
+            self.shared[key] = max(self.shared.get(key, 0), count)
+
+
+_counts = _Counts()
 
 
 def hit(session: Session, bucket: str, limit: int) -> None:
@@ -63,15 +108,19 @@ def hit(session: Session, bucket: str, limit: int) -> None:
         return
     now = time.time()
     window = int(now // WINDOW)
-    try:
-        if get_settings().broker.url.startswith(("redis://", "rediss://")):
-            count = _count_redis(bucket, window)
-        else:
-            count = _count_db(session, bucket, window)
-    except Exception as exc:  # noqa: BLE001 - see the module docstring: a dead counter store does not block
-        session.rollback()
-        log.warning("rate limiter unavailable (%s); request allowed", type(exc).__name__)
-        return
+    count, send = _counts.count(bucket, window, limit, time.monotonic())
+    if send:
+        try:
+            if get_settings().broker.url.startswith(("redis://", "rediss://")):
+                count = _add_redis(bucket, window, send)
+            else:
+                count = _add_db(session, bucket, window, send)
+        except Exception as exc:  # noqa: BLE001 - see the module docstring: a dead counter store does not block
+            session.rollback()
+            log.warning("rate limiter unavailable (%s); request allowed", type(exc).__name__)
+            return
+        _counts.store(bucket, window, count)
+        count += _counts.pending.get((bucket, window), 0)  # hits of other threads since (not yet sent)
     if count > limit:
         retry = max(1, math.ceil((window + 1) * WINDOW - now))
         raise ProblemError(429, "rate_limited", f"more than {limit} requests per minute for this key; "

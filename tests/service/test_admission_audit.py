@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from api.errors import ProblemError
 from tests.service.conftest import clear_caches, free_port, migrate_in_process, start_process, stop_process
 from tests.service.test_api import assert_problem, auth, create_key, upload
 
@@ -55,6 +56,50 @@ def test_rate_limit_is_shared_by_api_processes(stack, monkeypatch, tmp_path):
     finally:
         for proc in procs:
             stop_process(proc)
+
+
+def test_far_from_the_limit_hits_are_summed_in_the_process_and_sent_once_a_second(stack, monkeypatch):
+    """The counter store (Redis, or the database's rate_counter) sees the first hit of a window, then nothing until
+    a second has passed, then the sum; once the estimate reaches half the limit every hit goes to the store."""
+    import uuid
+
+    from sqlalchemy import select
+
+    from api import admission
+    from api.core.db import session_scope
+    from api.core.models import RateCounter
+    from api.core.settings import get_settings
+
+    migrate_in_process(stack, monkeypatch)
+    _fresh_window(margin=15)
+    bucket, window = f"test:{uuid.uuid4().hex}", int(time.time() // admission.WINDOW)
+
+    def stored() -> int:
+        url = get_settings().broker.url
+        if url.startswith("redis://"):
+            value = admission._redis(url).get(f"msgldm:rate:{bucket}:{window}")
+            return int(value or 0)
+        with session_scope() as session:
+            row = session.execute(select(RateCounter.count).where(RateCounter.bucket == bucket,
+                                                                  RateCounter.window == window)).scalar_one_or_none()
+            return int(row or 0)
+
+    with session_scope() as session:
+        for _ in range(40):
+            admission.hit(session, bucket, 1000)
+        assert stored() == 1  # the window's first hit only
+        time.sleep(admission.SYNC_SECONDS + 0.1)
+        admission.hit(session, bucket, 1000)
+        assert stored() == 41  # the sum, in one round trip
+        for _ in range(10):
+            admission.hit(session, bucket, 100)  # 51 >= half of 100: from here on every hit is in the store
+        assert stored() == 51
+        for _ in range(49):
+            admission.hit(session, bucket, 100)
+        assert stored() == 100
+        with pytest.raises(ProblemError) as err:
+            admission.hit(session, bucket, 100)
+        assert err.value.status == 429
 
 
 def test_queue_depth_and_active_jobs_limits(stack, study, monkeypatch):
