@@ -29,3 +29,7 @@ class TargetError(ValueError):
 
 class EmptyBrainError(ValueError):
     """Input volumes with no voxel above background: there is no brain to work on."""
+
+
+class EvaluationError(ValueError):
+    """Bad evaluation arguments or inputs (no cases, unknown targets, missing checkpoint...)."""

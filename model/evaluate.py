@@ -23,7 +23,9 @@ from the same inputs, and each output is scored by
 4. **wall time** per synthesized volume (a job that synthesizes k targets counts 1/k of its time for each).
 
 Writes ``report.json`` (every result, the summary, the command and the protocol), ``report.md`` (Table-1-style
-tables) and ``figures/<target>.png`` (inputs | synthesized | reference | error).
+tables) and ``figures/<target>.png`` (inputs | synthesized | reference | error). This module runs the grid; the
+protocols are ``model.protocols`` (shared with the worker's job report), the tables and fold merging
+``model.tables``, the figures ``model.figures``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import logging
 import platform
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -44,29 +45,22 @@ import numpy as np
 from nibabel.orientations import io_orientation
 
 from model.data import Case, DatasetError, find_cases, load_case, seg_to_regions, split_cases
+from model.errors import EvaluationError
+from model.figures import figure, input_dependence_figure
 from model.io.volume import Volume
-from model.metrics import (
-    dice_regions,
-    mae,
-    normalize_in_mask,
-    percentile_normalize,
-    psnr,
-    psnr_slices,
-    ssim,
-    ssim_in_masks,
-    ssim_slices,
+from model.metrics import dice_regions
+from model.protocols import (
+    PSNR_CAP,
+    PaperWindow,
+    brasyn_protocol,
+    brasyn_reference,
+    paper_protocol,
+    paper_reference,
+    paper_window,
 )
+from model.tables import json_default, markdown_report, merge_reports, summarize
 
 log = logging.getLogger("model.evaluate")
-
-PSNR_CAP = 100.0  # dB for identical slices (inf), so that means stay finite; reported in the protocol
-METHOD_LABELS = {"msgldm": "MSG-LDM", "nearest": "Nearest modality", "unet": "Regression U-Net"}
-TABLE_TARGET_ORDER = ("t1", "t2", "t1ce", "flair", "pd")
-
-
-class EvaluationError(ValueError):
-    """Bad evaluation arguments or inputs (no cases, unknown targets, missing checkpoint...)."""
-
 
 # ===================================================================================== methods
 
@@ -168,23 +162,16 @@ class CaseReference:
     brasyn: dict[str, np.ndarray]  # BraSyn percentile normalisation
     tumour: np.ndarray | None  # WT mask on the grid
     regions: np.ndarray | None  # (4, X, Y, Z) bool [background, WT, TC, ET] on the grid
-    slices: object  # PreparedStudy of all modalities: the slice window and indices
-    keep: np.ndarray  # (S,) slices with brain used by the 2D protocol
+    window: PaperWindow  # the slices the 2D protocol scores
     seg_is_prediction: bool
 
 
 def prepare_reference(case: Case, images: dict[str, Volume], seg: Volume | None, modalities: Sequence[str],
                       preprocess_cfg) -> CaseReference:
-    from model.preprocess import prepare_study
-
     brain = np.logical_or.reduce([v.data > 0 for v in images.values()])
-    lo_hi = tuple(preprocess_cfg.clip_percentiles)
-    normalized = {m: normalize_in_mask(v.data, brain, lo_hi) for m, v in images.items()}
-    brasyn = {m: percentile_normalize(v.data) for m, v in images.items()}
-    prep = prepare_study({m: images[m] for m in modalities if m in images}, list(modalities), preprocess_cfg)
-    keep = prep.brain_fraction > preprocess_cfg.min_brain_fraction
-    if not keep.any():
-        keep = prep.brain_fraction > 0
+    normalized = {m: paper_reference(v.data, brain, preprocess_cfg.clip_percentiles) for m, v in images.items()}
+    brasyn = {m: brasyn_reference(v.data) for m, v in images.items()}
+    window = paper_window(images, modalities, preprocess_cfg)
     tumour, regions = None, None
     if seg is not None and case.layout in ("brats2020", "brats2021", "brats2023", "brats-toolkit", "wmh"):
         grid = next(iter(images.values()))
@@ -194,36 +181,17 @@ def prepare_reference(case: Case, images: dict[str, Volume], seg: Volume | None,
         else:
             log.warning("case %s: segmentation grid %s differs from the images %s: not used", case.id,
                         seg.shape, grid.shape)
-    return CaseReference(images, brain, normalized, brasyn, tumour, regions, prep, keep, case.seg_is_prediction)
+    return CaseReference(images, brain, normalized, brasyn, tumour, regions, window, case.seg_is_prediction)
 
 
 def score(pred: Volume, target: str, ref: CaseReference) -> dict[str, float]:
-    """All image metrics of one synthesized volume against the case's reference."""
+    """All image metrics of one synthesized volume against the case's reference: both protocols
+    (``model.protocols``)."""
     p = np.asarray(pred.data, dtype=np.float64)
     if p.shape != ref.brain.shape:
         raise EvaluationError(f"prediction for {target} has shape {p.shape}, reference {ref.brain.shape}")
-    # 1. paper protocol: model [0, 1] normalisation, 2D slices of the preprocessing window
-    y = ref.normalized[target]
-    p_sl = ref.slices.to_slices(p, fill=0.0)[ref.keep]
-    y_sl = ref.slices.to_slices(y, fill=0.0)[ref.keep]
-    ps = np.minimum(psnr_slices(p_sl, y_sl, 1.0), PSNR_CAP)
-    out = {
-        "paper_psnr": float(ps.mean()),
-        "paper_ssim": float(ssim_slices(p_sl, y_sl, 1.0).mean()),
-        "mae": mae(p, y, ref.brain),
-        "slices": int(ref.keep.sum()),
-    }
-    # 2. BraSyn protocol: independent percentile normalisation, 3D
-    pb, yb = percentile_normalize(p), ref.brasyn[target]
-    out["brasyn_ssim"] = ssim(pb, yb, 1.0)
-    out["brasyn_psnr"] = min(psnr(pb, yb, 1.0, mask=ref.brain), PSNR_CAP)
-    if ref.tumour is not None and ref.tumour.any():
-        # the 3D SSIM map averaged inside the tumour and over the rest of the brain. (The BraSyn scorer instead
-        # takes the SSIM of the volumes multiplied by the mask, which is ~1 for any prediction: mostly zeros.)
-        inside = ssim_in_masks(pb, yb, {"tumour": ref.tumour, "non_tumour": ref.brain & ~ref.tumour}, 1.0)
-        out["brasyn_ssim_tumour"] = inside["tumour"]
-        out["brasyn_ssim_non_tumour"] = inside["non_tumour"]
-    return out
+    return {**paper_protocol(p, ref.normalized[target], ref.brain, ref.window),
+            **brasyn_protocol(p, ref.brasyn[target], ref.brain, ref.tumour)}
 
 
 def segmentation_regions(segmenter, study: dict[str, Volume]) -> np.ndarray:
@@ -325,166 +293,6 @@ def evaluate_cases(
                         figure_done.add(t)
                         log.info("figure %s (%s)", path, key)
     return results
-
-
-# ===================================================================================== summary and report
-
-
-def summarize(results: Sequence[dict]) -> dict:
-    """``summary[method][target][n_available | "all"][metric] = {"mean", "std", "n"}`` over volumes."""
-    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
-    for r in results:
-        groups[(r["method"], r["target"], str(r["n_available"]))].append(r)
-        groups[(r["method"], r["target"], "all")].append(r)
-    summary: dict = {}
-    for (method, target, n), rows in sorted(groups.items()):
-        metrics = sorted({k for r in rows for k, v in r.items() if isinstance(v, float | int)
-                          and not isinstance(v, bool) and k not in ("n_available", "job_targets")})
-        cell = {}
-        for k in metrics:
-            vals = np.array([r[k] for r in rows if k in r], dtype=np.float64)
-            cell[k] = {"mean": float(vals.mean()), "std": float(vals.std()), "n": int(vals.size)}
-        summary.setdefault(method, {}).setdefault(target, {})[n] = cell
-    return summary
-
-
-def _fmt(cell: dict | None, key: str, scale: float = 1.0, digits: int = 2, std: bool = True) -> str:
-    if not cell or key not in cell:
-        return "-"
-    c = cell[key]
-    text = f"{c['mean'] * scale:.{digits}f}"
-    return f"{text} ± {c['std'] * scale:.{digits}f}" if std and c["n"] > 1 else text
-
-
-def markdown_report(report: dict) -> str:
-    """Table-1-style markdown: rows (M-bar, method), columns per target."""
-    summary = report["summary"]
-    methods = [m for m in ("msgldm", "nearest", "unet") if m in summary] + \
-              [m for m in summary if m not in ("msgldm", "nearest", "unet")]
-    targets = [t for t in TABLE_TARGET_ORDER if any(t in summary[m] for m in methods)]
-    ns = sorted({n for m in methods for t in summary[m] for n in summary[m][t] if n != "all"}, key=int) + ["all"]
-    has_dice = any("dice_mean" in summary[m][t].get(n, {}) for m in methods for t in summary[m] for n in ns)
-    has_tumour = any("brasyn_ssim_tumour" in summary[m][t].get(n, {}) for m in methods for t in summary[m] for n in ns)
-    lines = [f"# Synthesis quality: {report.get('title', 'evaluation')}", ""]
-    lines += [f"- checkpoint: `{report.get('checkpoint')}` ({report.get('version', '?')})",
-              f"- cases: {', '.join(report.get('cases', []))}",
-              f"- sampling steps: {report.get('steps')}, seed {report.get('seed')}"
-              + (f", {report['max_slices']} central axial slices per volume" if report.get("max_slices") else ""),
-              f"- command: `{report.get('command', '')}`", ""]
-    if report.get("notes"):
-        lines += [f"- {n}" for n in report["notes"]] + [""]
-
-    def table(title: str, cols: list[tuple[str, str, float, int]]) -> None:
-        head = ["M̄", "Method"] + [f"{t.upper()} {c[0]}" for t in targets for c in cols]
-        lines.extend([f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)])
-        for n in ns:
-            for m in methods:
-                row = [n, METHOD_LABELS.get(m, m)]
-                for t in targets:
-                    cell = summary[m].get(t, {}).get(n)
-                    row += [_fmt(cell, key, scale, digits) for _, key, scale, digits in cols]
-                lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-
-    paper_cols = [("PSNR", "paper_psnr", 1.0, 2), ("SSIM %", "paper_ssim", 100.0, 2)]
-    if has_dice:
-        paper_cols.append(("Dice", "dice_mean", 1.0, 3))
-    table("Paper protocol (2D slices, [0, 1], data_range 1)", paper_cols)
-    brasyn_cols = [("SSIM3D %", "brasyn_ssim", 100.0, 2), ("PSNR brain", "brasyn_psnr", 1.0, 2)]
-    if has_tumour:
-        brasyn_cols[1:1] = [("SSIM tumour %", "brasyn_ssim_tumour", 100.0, 2),
-                            ("SSIM non-tumour %", "brasyn_ssim_non_tumour", 100.0, 2)]
-    table("BraSyn protocol (3D, per-volume percentile normalisation)", brasyn_cols)
-    if report.get("ceiling"):
-        parts = [f"{t.upper()} {_fmt(report['ceiling'][t].get('all'), 'brasyn_ssim', 100.0, 2, std=False)}"
-                 for t in targets if t in report["ceiling"]]
-        lines += ["Ceiling of this protocol for outputs in the model's [0, 1] scale (the reference itself, "
-                  "normalised like the model's output, then scored): SSIM3D % " + ", ".join(parts) + ".", ""]
-    table("MAE (brain, [0, 1]) and wall time per synthesized volume (s)",
-          [("MAE", "mae", 1.0, 4), ("s/vol", "seconds", 1.0, 2)])
-    if has_dice:
-        lines += ["Dice: the checkpoint's structure-model segmentation of the available + synthesized inputs, "
-                  "mean of WT, TC, ET" + (" against a *predicted* segmentation (BraTS-Toolkit fusion), not expert "
-                                          "truth" if report.get("seg_is_prediction") else "") + ".", ""]
-    if report.get("figures"):
-        lines += ["## Figures", ""] + [f"![{t}]({p})" for t, p in report["figures"].items()] + [""]
-    return "\n".join(lines)
-
-
-def figure(path: Path, case_id: str, target: str, study: dict[str, Volume], preds: dict[str, Volume],
-           ref: CaseReference) -> Path:
-    """One PNG: inputs | each method's synthesis | reference, and each method's |error| below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    prep = ref.slices
-    score_slice = prep.to_slices(ref.tumour, fill=False).reshape(len(prep.mask), -1).sum(1) \
-        if ref.tumour is not None else None
-    if score_slice is None or score_slice.max() == 0:
-        score_slice = prep.mask.reshape(len(prep.mask), -1).sum(1)
-    k = int(np.argmax(score_slice))
-
-    def cut(a: np.ndarray) -> np.ndarray:
-        return np.rot90(prep.to_slices(a, fill=0.0)[k])
-
-    inputs = [(f"input {m}", cut(ref.normalized[m])) for m in study]
-    reference = cut(ref.normalized[target])
-    synth = [(f"{METHOD_LABELS.get(n, n)}", cut(np.asarray(v.data, dtype=np.float64))) for n, v in preds.items()]
-    cols = max(len(inputs) + 1, len(synth))
-    fig, axes = plt.subplots(3, cols, figsize=(2.0 * cols, 6.4), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for j, (title, img) in enumerate([*inputs, (f"reference {target}", reference)]):
-        axes[0, j].imshow(img, cmap="gray", vmin=0, vmax=1)
-        axes[0, j].set_title(title, fontsize=8)
-    for j, (title, img) in enumerate(synth):
-        axes[1, j].imshow(img, cmap="gray", vmin=0, vmax=1)
-        axes[1, j].set_title(title, fontsize=8)
-        axes[2, j].imshow(np.abs(img - reference), cmap="magma", vmin=0, vmax=0.5)
-        axes[2, j].set_title(f"|error|, slice MAE {np.abs(img - reference).mean():.3f}", fontsize=8)
-    fig.suptitle(f"{case_id}: {target} from {'+'.join(study)}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=60)
-    plt.close(fig)
-    return path
-
-
-def input_dependence_figure(results: Sequence[dict], path: Path) -> Path | None:
-    """One panel per target: mean 2D PSNR over the cases for every input subset evaluated (by size), one marker
-    per method: how much the synthesis depends on which inputs it gets. None when fewer than two subsets."""
-    groups: dict[tuple[str, str, tuple[str, ...]], list[float]] = defaultdict(list)
-    for r in results:
-        groups[(r["target"], r["method"], tuple(r["available"]))].append(r["paper_psnr"])
-    subsets_of = {t: {k[2] for k in groups if k[0] == t} for t in TABLE_TARGET_ORDER}
-    targets = [t for t in TABLE_TARGET_ORDER if len(subsets_of[t]) >= 2]  # targets seen with several input sets
-    if not targets:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = [m for m in ("msgldm", "nearest", "unet") if any(k[1] == m for k in groups)]
-    fig, axes = plt.subplots(1, len(targets), figsize=(3.6 * len(targets), 3.4), squeeze=False)
-    for ax, t in zip(axes[0], targets, strict=True):
-        subsets = sorted(subsets_of[t], key=lambda s: (len(s), s))
-        for i, m in enumerate(methods):
-            ys = [float(np.mean(groups[(t, m, s)])) if (t, m, s) in groups else np.nan for s in subsets]
-            ax.plot(np.arange(len(subsets)) + (i - 1) * 0.12, ys, "o", label=METHOD_LABELS.get(m, m), ms=5)
-        ax.set_xticks(range(len(subsets)), ["+".join(s) for s in subsets], rotation=60, fontsize=7)
-        ax.set_xlim(-0.5, len(subsets) - 0.5)
-        ax.set_title(f"{t.upper()}: 2D PSNR by inputs", fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("dB (mean over cases)")
-    axes[0, -1].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
 
 
 # ===================================================================================== CLI
@@ -666,7 +474,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         "ceiling": summarize([{**c, "method": "ceiling", "n_available": 0} for c in ceilings]).get("ceiling", {}),
         "figures": figures,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=json_default))
     (out / "report.md").write_text(markdown_report(report))
     return report
 
@@ -676,53 +484,6 @@ def _safe(fn):
         return fn()
     except Exception as exc:  # noqa: BLE001 - the version string is informative only
         return f"unknown ({exc})"
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def merge_reports(paths: Sequence[str | Path], out: str | Path, title: str | None = None) -> dict:
-    """Pool several reports (e.g. the folds of a cross-validation) into one: results concatenated, summary and
-    ceiling recomputed, each fold's checkpoint and command kept. Writes ``report.json`` and ``report.md``."""
-    reports = [json.loads(Path(p).read_text()) for p in paths]
-    if not reports:
-        raise EvaluationError("merge needs at least one report.json")
-    results = [{**r, "fold": i} for i, rep in enumerate(reports) for r in rep["results"]]
-    ceilings = []
-    for rep in reports:
-        for t, cells in rep.get("ceiling", {}).items():
-            ceilings.append({"target": t, "method": "ceiling", "n_available": 0,
-                             **{k: v["mean"] for k, v in cells.get("all", {}).items()}})
-    merged = {
-        "title": title or "merged: " + "; ".join(r.get("title", "") for r in reports),
-        "checkpoint": ", ".join(str(r.get("checkpoint")) for r in reports),
-        "version": ", ".join(str(r.get("version")) for r in reports),
-        "command": " ; ".join(r.get("command", "") for r in reports),
-        "cases": [c for r in reports for c in r.get("cases", [])],
-        "folds": [{k: r.get(k) for k in ("checkpoint", "version", "command", "cases", "baseline_train_cases",
-                                          "steps", "max_slices", "wall_seconds")} for r in reports],
-        "seg_is_prediction": any(r.get("seg_is_prediction") for r in reports),
-        "steps": reports[0].get("steps"),
-        "seed": reports[0].get("seed"),
-        "max_slices": reports[0].get("max_slices"),
-        "protocol": reports[0].get("protocol"),
-        "results": results,
-        "summary": summarize(results),
-        "ceiling": summarize(ceilings).get("ceiling", {}),
-        "figures": {},
-    }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if input_dependence_figure(results, out / "figures" / "input_dependence.png") is not None:
-        merged["figures"]["input_dependence"] = "figures/input_dependence.png"
-    (out / "report.json").write_text(json.dumps(merged, indent=1, default=_json_default))
-    (out / "report.md").write_text(markdown_report(merged))
-    return merged
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,12 +19,11 @@ from model.evaluate import (
     baseline_method,
     crop_axial,
     evaluate_cases,
-    markdown_report,
     prepare_reference,
     score,
-    summarize,
 )
 from model.io.volume import Volume
+from model.tables import markdown_report, summarize
 
 MODS = ("t1", "t2", "t1ce", "flair")
 LPS = np.array([[-1.0, 0, 0, 120], [0, -1, 0, 120], [0, 0, 1, -60], [0, 0, 0, 1]])
@@ -207,7 +206,7 @@ def test_recorded_split_is_read_from_the_checkpoint(tmp_path):
 
 
 def test_input_dependence_figure_needs_two_subsets_and_draws_one_panel_per_target(tmp_path):
-    from model.evaluate import input_dependence_figure
+    from model.figures import input_dependence_figure
 
     rows = [{"target": t, "method": m, "available": list(a), "paper_psnr": 20.0 + len(a) + (m == "msgldm")}
             for t in ("t1", "flair") for m in ("msgldm", "nearest") for a in (("t2",), ("t2", "t1ce"))

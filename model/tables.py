@@ -1,0 +1,146 @@
+"""The tables of an evaluation (``model.evaluate``): per-volume results summarised by method, target and M-bar,
+the Table-1-style markdown report, and pooling several reports (cross-validation folds) into one."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from model.errors import EvaluationError
+
+METHOD_LABELS = {"msgldm": "MSG-LDM", "nearest": "Nearest modality", "unet": "Regression U-Net"}
+TABLE_TARGET_ORDER = ("t1", "t2", "t1ce", "flair", "pd")
+
+
+def summarize(results: Sequence[dict]) -> dict:
+    """``summary[method][target][n_available | "all"][metric] = {"mean", "std", "n"}`` over volumes."""
+    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    for r in results:
+        groups[(r["method"], r["target"], str(r["n_available"]))].append(r)
+        groups[(r["method"], r["target"], "all")].append(r)
+    summary: dict = {}
+    for (method, target, n), rows in sorted(groups.items()):
+        metrics = sorted({k for r in rows for k, v in r.items() if isinstance(v, float | int)
+                          and not isinstance(v, bool) and k not in ("n_available", "job_targets")})
+        cell = {}
+        for k in metrics:
+            vals = np.array([r[k] for r in rows if k in r], dtype=np.float64)
+            cell[k] = {"mean": float(vals.mean()), "std": float(vals.std()), "n": int(vals.size)}
+        summary.setdefault(method, {}).setdefault(target, {})[n] = cell
+    return summary
+
+
+def _fmt(cell: dict | None, key: str, scale: float = 1.0, digits: int = 2, std: bool = True) -> str:
+    if not cell or key not in cell:
+        return "-"
+    c = cell[key]
+    text = f"{c['mean'] * scale:.{digits}f}"
+    return f"{text} ± {c['std'] * scale:.{digits}f}" if std and c["n"] > 1 else text
+
+
+def markdown_report(report: dict) -> str:
+    """Table-1-style markdown: rows (M-bar, method), columns per target."""
+    summary = report["summary"]
+    methods = [m for m in ("msgldm", "nearest", "unet") if m in summary] + \
+              [m for m in summary if m not in ("msgldm", "nearest", "unet")]
+    targets = [t for t in TABLE_TARGET_ORDER if any(t in summary[m] for m in methods)]
+    ns = sorted({n for m in methods for t in summary[m] for n in summary[m][t] if n != "all"}, key=int) + ["all"]
+    has_dice = any("dice_mean" in summary[m][t].get(n, {}) for m in methods for t in summary[m] for n in ns)
+    has_tumour = any("brasyn_ssim_tumour" in summary[m][t].get(n, {}) for m in methods for t in summary[m] for n in ns)
+    lines = [f"# Synthesis quality: {report.get('title', 'evaluation')}", ""]
+    lines += [f"- checkpoint: `{report.get('checkpoint')}` ({report.get('version', '?')})",
+              f"- cases: {', '.join(report.get('cases', []))}",
+              f"- sampling steps: {report.get('steps')}, seed {report.get('seed')}"
+              + (f", {report['max_slices']} central axial slices per volume" if report.get("max_slices") else ""),
+              f"- command: `{report.get('command', '')}`", ""]
+    if report.get("notes"):
+        lines += [f"- {n}" for n in report["notes"]] + [""]
+
+    def table(title: str, cols: list[tuple[str, str, float, int]]) -> None:
+        head = ["M̄", "Method"] + [f"{t.upper()} {c[0]}" for t in targets for c in cols]
+        lines.extend([f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)])
+        for n in ns:
+            for m in methods:
+                row = [n, METHOD_LABELS.get(m, m)]
+                for t in targets:
+                    cell = summary[m].get(t, {}).get(n)
+                    row += [_fmt(cell, key, scale, digits) for _, key, scale, digits in cols]
+                lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+
+    paper_cols = [("PSNR", "paper_psnr", 1.0, 2), ("SSIM %", "paper_ssim", 100.0, 2)]
+    if has_dice:
+        paper_cols.append(("Dice", "dice_mean", 1.0, 3))
+    table("Paper protocol (2D slices, [0, 1], data_range 1)", paper_cols)
+    brasyn_cols = [("SSIM3D %", "brasyn_ssim", 100.0, 2), ("PSNR brain", "brasyn_psnr", 1.0, 2)]
+    if has_tumour:
+        brasyn_cols[1:1] = [("SSIM tumour %", "brasyn_ssim_tumour", 100.0, 2),
+                            ("SSIM non-tumour %", "brasyn_ssim_non_tumour", 100.0, 2)]
+    table("BraSyn protocol (3D, per-volume percentile normalisation)", brasyn_cols)
+    if report.get("ceiling"):
+        parts = [f"{t.upper()} {_fmt(report['ceiling'][t].get('all'), 'brasyn_ssim', 100.0, 2, std=False)}"
+                 for t in targets if t in report["ceiling"]]
+        lines += ["Ceiling of this protocol for outputs in the model's [0, 1] scale (the reference itself, "
+                  "normalised like the model's output, then scored): SSIM3D % " + ", ".join(parts) + ".", ""]
+    table("MAE (brain, [0, 1]) and wall time per synthesized volume (s)",
+          [("MAE", "mae", 1.0, 4), ("s/vol", "seconds", 1.0, 2)])
+    if has_dice:
+        lines += ["Dice: the checkpoint's structure-model segmentation of the available + synthesized inputs, "
+                  "mean of WT, TC, ET" + (" against a *predicted* segmentation (BraTS-Toolkit fusion), not expert "
+                                          "truth" if report.get("seg_is_prediction") else "") + ".", ""]
+    if report.get("figures"):
+        lines += ["## Figures", ""] + [f"![{t}]({p})" for t, p in report["figures"].items()] + [""]
+    return "\n".join(lines)
+
+
+def json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def merge_reports(paths: Sequence[str | Path], out: str | Path, title: str | None = None) -> dict:
+    """Pool several reports (e.g. the folds of a cross-validation) into one: results concatenated, summary and
+    ceiling recomputed, each fold's checkpoint and command kept. Writes ``report.json`` and ``report.md``."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    if not reports:
+        raise EvaluationError("merge needs at least one report.json")
+    results = [{**r, "fold": i} for i, rep in enumerate(reports) for r in rep["results"]]
+    ceilings = []
+    for rep in reports:
+        for t, cells in rep.get("ceiling", {}).items():
+            ceilings.append({"target": t, "method": "ceiling", "n_available": 0,
+                             **{k: v["mean"] for k, v in cells.get("all", {}).items()}})
+    merged = {
+        "title": title or "merged: " + "; ".join(r.get("title", "") for r in reports),
+        "checkpoint": ", ".join(str(r.get("checkpoint")) for r in reports),
+        "version": ", ".join(str(r.get("version")) for r in reports),
+        "command": " ; ".join(r.get("command", "") for r in reports),
+        "cases": [c for r in reports for c in r.get("cases", [])],
+        "folds": [{k: r.get(k) for k in ("checkpoint", "version", "command", "cases", "baseline_train_cases",
+                                          "steps", "max_slices", "wall_seconds")} for r in reports],
+        "seg_is_prediction": any(r.get("seg_is_prediction") for r in reports),
+        "steps": reports[0].get("steps"),
+        "seed": reports[0].get("seed"),
+        "max_slices": reports[0].get("max_slices"),
+        "protocol": reports[0].get("protocol"),
+        "results": results,
+        "summary": summarize(results),
+        "ceiling": summarize(ceilings).get("ceiling", {}),
+        "figures": {},
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    from model.figures import input_dependence_figure
+
+    if input_dependence_figure(results, out / "figures" / "input_dependence.png") is not None:
+        merged["figures"]["input_dependence"] = "figures/input_dependence.png"
+    (out / "report.json").write_text(json.dumps(merged, indent=1, default=json_default))
+    (out / "report.md").write_text(markdown_report(merged))
+    return merged
