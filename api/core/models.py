@@ -69,6 +69,29 @@ class JobStatus(enum.StrEnum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
+class Leased:
+    """The columns of the claim/lease/fencing state machine (``api/core/leases.py``), shared by jobs and training
+    runs; ``status`` takes ``JobStatus`` values in both tables."""
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued)
+    progress: Mapped[int] = mapped_column(Integer, default=0)
+    model_version: Mapped[str | None] = mapped_column(String(100))
+
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    fencing_token: Mapped[str | None] = mapped_column(String(36))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
 class ApiKey(Base):
     __tablename__ = "api_key"
 
@@ -82,21 +105,18 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-class Job(Base):
+class Job(Leased, Base):
     __tablename__ = "job"
     __table_args__ = (
         UniqueConstraint("owner_id", "idempotency_key", name="uq_job_owner_idempotency_key"),
         Index("ix_job_status_created_at", "status", "created_at"),
     )
 
-    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     owner_id: Mapped[str] = mapped_column(ForeignKey("api_key.id"), index=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str] = mapped_column(String(64))
 
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued)
     phase: Mapped[str] = mapped_column(String(32), default="queued")
-    progress: Mapped[int] = mapped_column(Integer, default=0)
 
     inputs: Mapped[dict[str, Any]] = mapped_column(JSON)  # modality -> {key, sha256, bytes}
     targets: Mapped[list[str]] = mapped_column(JSON)
@@ -104,22 +124,7 @@ class Job(Base):
     steps: Mapped[int | None] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(Integer)
     samples: Mapped[int] = mapped_column(Integer, default=1)
-
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    worker_id: Mapped[str | None] = mapped_column(String(200))
-    fencing_token: Mapped[str | None] = mapped_column(String(36))
-    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    cancel_requested: Mapped[bool] = mapped_column(default=False)
-
-    model_version: Mapped[str | None] = mapped_column(String(100))
     results: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)  # result name -> object key
-    error_code: Mapped[str | None] = mapped_column(String(64))
-    error_message: Mapped[str | None] = mapped_column(Text)
-
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
 class WorkerHeartbeat(Base):
@@ -163,17 +168,14 @@ class ModelVersion(Base):
     promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-class TrainingRun(Base):
+class TrainingRun(Leased, Base):
     """An admin's training run: the same claim/lease/fencing columns as a job, with a lease suited to hours."""
 
     __tablename__ = "training_run"
     __table_args__ = (Index("ix_training_run_status_created_at", "status", "created_at"),)
 
-    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     owner_id: Mapped[str] = mapped_column(ForeignKey("api_key.id"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued)
     stage: Mapped[str | None] = mapped_column(String(16))  # "0", "1", "2", "evaluate"
-    progress: Mapped[int] = mapped_column(Integer, default=0)
 
     preset: Mapped[str] = mapped_column(String(100))
     dataset: Mapped[dict[str, Any]] = mapped_column(JSON)  # {"path"|"prefix", "layout"}
@@ -182,20 +184,6 @@ class TrainingRun(Base):
     gates: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=dict)  # the trainer's, by stage (model.gates)
     log_tail: Mapped[str] = mapped_column(Text, default="")
     checkpoint: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # last uploaded: {"stage", "step"}
-    model_version: Mapped[str | None] = mapped_column(String(100))
-
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    worker_id: Mapped[str | None] = mapped_column(String(200))
-    fencing_token: Mapped[str | None] = mapped_column(String(36))
-    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    cancel_requested: Mapped[bool] = mapped_column(default=False)
-    error_code: Mapped[str | None] = mapped_column(String(64))
-    error_message: Mapped[str | None] = mapped_column(Text)
-
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 class AuditEvent(Base):
     """One audited action; append-only (the migration installs triggers that refuse UPDATE and DELETE).
 

@@ -16,7 +16,7 @@ from api import datasets
 from api.auth import require
 from api.core import audit, registry
 from api.core import training as runs
-from api.core.models import ApiKey, ModelVersion, TrainingRun
+from api.core.models import ApiKey, JobStatus, ModelVersion, TrainingRun
 from api.core.queue import publish_training
 from api.deps import SessionDep, StorageDep
 from api.errors import ProblemError
@@ -107,7 +107,7 @@ def _cursor(run: TrainingRun) -> str:
 
 @router.get("/training-runs", response_model=TrainingRunList, responses=PROBLEM_RESPONSES)
 def list_runs(session: SessionDep, key: ApiKey = ADMIN,
-              status: Annotated[runs.RunStatus | None, Query(description="only runs in this state")] = None,
+              status: Annotated[JobStatus | None, Query(description="only runs in this state")] = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
               cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None
               ) -> TrainingRunList:
