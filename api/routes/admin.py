@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import json
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api import datasets
@@ -20,6 +17,7 @@ from api.core.models import ApiKey, JobStatus, ModelVersion, TrainingRun
 from api.core.queue import publish_training
 from api.deps import SessionDep, StorageDep
 from api.errors import ProblemError
+from api.pagination import newest_first
 from api.routes.models import to_public as version_public
 from api.schemas import (
     PROBLEM_RESPONSES,
@@ -101,10 +99,6 @@ async def create_run(body: TrainingRunCreate, response: Response, session: Sessi
     return run_public(run)
 
 
-def _cursor(run: TrainingRun) -> str:
-    return base64.urlsafe_b64encode(json.dumps([run.created_at.isoformat(), run.id]).encode()).decode()
-
-
 @router.get("/training-runs", response_model=TrainingRunList, responses=PROBLEM_RESPONSES)
 def list_runs(session: SessionDep, key: ApiKey = ADMIN,
               status: Annotated[JobStatus | None, Query(description="only runs in this state")] = None,
@@ -112,21 +106,11 @@ def list_runs(session: SessionDep, key: ApiKey = ADMIN,
               cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None
               ) -> TrainingRunList:
     """Training runs, newest first."""
-    query = select(TrainingRun).order_by(TrainingRun.created_at.desc(), TrainingRun.id.desc()).limit(limit + 1)
+    query = select(TrainingRun)
     if status is not None:
         query = query.where(TrainingRun.status == status)
-    if cursor:
-        try:
-            created_s, run_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-            created = datetime.fromisoformat(created_s)
-        except (ValueError, TypeError) as exc:
-            raise ProblemError(422, "invalid_cursor", "the cursor is not one this API returned") from exc
-        query = query.where(or_(TrainingRun.created_at < created,
-                                and_(TrainingRun.created_at == created, TrainingRun.id < str(run_id))))
-    rows = session.execute(query).scalars().all()
-    page = rows[:limit]
-    return TrainingRunList(items=[run_public(r) for r in page],
-                           next_cursor=_cursor(page[-1]) if len(rows) > limit else None)
+    page, next_cursor = newest_first(session, query, TrainingRun, limit=limit, cursor=cursor)
+    return TrainingRunList(items=[run_public(r) for r in page], next_cursor=next_cursor)
 
 
 @router.get("/training-runs/{run_id}", response_model=TrainingRunPublic, responses={**PROBLEM_RESPONSES, **NOT_FOUND})

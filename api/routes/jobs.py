@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import json
-from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.auth import KeyDep, require
@@ -23,6 +20,7 @@ from api.core.queue import publish_synthesis
 from api.core.storage import Storage
 from api.deps import SessionDep, StorageDep
 from api.errors import ProblemError
+from api.pagination import newest_first
 from api.schemas import JOB_EXAMPLE, PROBLEM_RESPONSES, JobError, JobList, JobPublic, Problem
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
@@ -53,36 +51,19 @@ def to_public(session: Session, job: Job) -> JobPublic:
     )
 
 
-def _encode_cursor(job: Job) -> str:
-    return base64.urlsafe_b64encode(json.dumps([job.created_at.isoformat(), job.id]).encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(created), str(job_id)
-    except (ValueError, TypeError) as exc:
-        raise ProblemError(422, "invalid_cursor", "the cursor is not one this API returned") from exc
-
-
 @router.get("", response_model=JobList, responses=PROBLEM_RESPONSES)
 def list_jobs(session: SessionDep, key: KeyDep,
               status: Annotated[JobStatus | None, Query(description="only jobs in this state")] = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
               cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None) -> JobList:
     """Jobs, newest first; integrators see their own."""
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    query = select(Job)
     if key.role == Role.integrator:
         query = query.where(Job.owner_id == key.id)
     if status is not None:
         query = query.where(Job.status == status)
-    if cursor:
-        created, job_id = _decode_cursor(cursor)
-        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
-    rows = session.execute(query).scalars().all()
-    page = rows[:limit]
-    return JobList(items=[to_public(session, j) for j in page],
-                   next_cursor=_encode_cursor(page[-1]) if len(rows) > limit else None)
+    page, next_cursor = newest_first(session, query, Job, limit=limit, cursor=cursor)
+    return JobList(items=[to_public(session, j) for j in page], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={**PROBLEM_RESPONSES, **NOT_FOUND},
