@@ -11,11 +11,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.core.jobs import InvalidTransition, JobNotFound
+from api.core.errors import NotFound
+from api.core.leases import InvalidTransition
 from api.core.queue import BrokerUnavailable
-from api.core.registry import PromotionRefused, VersionNotFound
+from api.core.registry import PromotionRefused
 from api.core.storage import ObjectNotFound, StorageError
-from api.core.training import RunNotFound
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
@@ -59,17 +59,9 @@ def install(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
         return problem_response(request, ProblemError(exc.status_code, code, str(exc.detail)))
 
-    @app.exception_handler(JobNotFound)
-    async def _not_found(request: Request, exc: JobNotFound) -> JSONResponse:
-        return problem_response(request, ProblemError(404, "job_not_found", str(exc)))
-
-    @app.exception_handler(RunNotFound)
-    async def _no_run(request: Request, exc: RunNotFound) -> JSONResponse:
-        return problem_response(request, ProblemError(404, "training_run_not_found", str(exc)))
-
-    @app.exception_handler(VersionNotFound)
-    async def _no_version(request: Request, exc: VersionNotFound) -> JSONResponse:
-        return problem_response(request, ProblemError(404, "model_version_not_found", str(exc)))
+    @app.exception_handler(NotFound)  # jobs, training runs, model versions: each subclass names its code
+    async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
+        return problem_response(request, ProblemError(404, exc.code, str(exc)))
 
     @app.exception_handler(PromotionRefused)
     async def _refused(request: Request, exc: PromotionRefused) -> JSONResponse:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from api.core.errors import NotFound
 from api.core.leases import ACTIVE, Claim, InvalidTransition, Leases
 from api.core.models import Job, JobStatus
 
@@ -19,8 +20,10 @@ mark_cancelled, request_cancel = LEASES.mark_cancelled, LEASES.request_cancel
 reap_expired, stale_queued = LEASES.reap_expired, LEASES.stale_queued
 
 
-class JobNotFound(LookupError):
+class JobNotFound(NotFound):
     """No job with this id (or not one the caller may see)."""
+
+    code = "job_not_found"
 
 
 def reset_for_retry(session: Session, job: Job) -> Job:

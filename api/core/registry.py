@@ -16,11 +16,14 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api.core.errors import NotFound
 from api.core.models import ModelStatus, ModelVersion, utcnow
 
 
-class VersionNotFound(LookupError):
+class VersionNotFound(NotFound):
     """No model version with this name."""
+
+    code = "model_version_not_found"
 
 
 class PromotionRefused(RuntimeError):

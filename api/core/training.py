@@ -5,6 +5,7 @@ stage checkpoint in object storage. Plus where those checkpoints live and the da
 
 from __future__ import annotations
 
+from api.core.errors import NotFound
 from api.core.leases import Claim, InvalidTransition, Leases
 from api.core.models import TrainingRun
 
@@ -21,8 +22,10 @@ def checkpoint_prefix(run_id: str) -> str:
     return f"training-runs/{run_id}/checkpoint/"
 
 
-class RunNotFound(LookupError):
+class RunNotFound(NotFound):
     """No training run with this id."""
+
+    code = "training_run_not_found"
 
 
 LEASES = Leases(TrainingRun, "training run", worker="training worker")
