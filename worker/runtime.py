@@ -14,12 +14,14 @@ import shutil
 import socket
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from api.core import jobs, registry, training
 from api.core.db import session_scope
+from api.core.leases import Claim, Leases
 from api.core.models import WorkerHeartbeat, utcnow
 from api.core.queue import publish_synthesis, publish_training
 from api.core.settings import get_settings
@@ -34,6 +36,20 @@ _state: dict[str, str | None] = {"model_version": None, "device": None}
 QUEUES: set[str] = set()  # the queues this worker consumes (set in the parent by worker.app before the fork)
 _loaded: OrderedDict[str, Synthesizer] = OrderedDict()  # version -> synthesizer, least recently used first
 _lock = threading.Lock()
+
+
+def end_attempt(leases: Leases[Any], claim: Claim, *, code: str, message: str, retry: bool, max_attempts: int,
+                publish: Callable[[str], Any], **values: Any) -> str:
+    """A failed attempt of a job or training run: back to the queue (and re-published) when ``retry`` and attempts
+    remain, else failed with ``code``; returns "requeued" or "failed"."""
+    retry = retry and claim.attempt < max_attempts
+    with session_scope() as session:
+        leases.fail(session, claim, code=code, message=message, retry=retry, **values)
+    if retry:
+        publish(claim.id)
+    log.warning("%s %s attempt %d: %s (%s)%s", leases.noun, claim.id, claim.attempt, code, message[:500],
+                " - re-queued" if retry else "")
+    return "requeued" if retry else "failed"
 
 
 def serves_inference() -> bool:

@@ -48,7 +48,7 @@ class Lease:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._pending: dict[str, Any] = {}
-        self._thread = threading.Thread(target=self._run, name=f"lease-{claim.job_id[:8]}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"lease-{claim.id[:8]}", daemon=True)
 
     def __enter__(self) -> Lease:
         self._thread.start()
@@ -63,7 +63,7 @@ class Lease:
         with self._lock:
             self._pending.update(values)
         if self.stopped.is_set():
-            raise JobStopped(self.claim.job_id)
+            raise JobStopped(self.claim.id)
 
     def _flush(self) -> None:
         with self._lock:
@@ -81,7 +81,7 @@ class Lease:
                     self._flush()
                     last_renew = now
                 except Exception:  # noqa: BLE001 - the database may be restarting; the lease has slack
-                    log.warning("lease renewal of %s failed", self.claim.job_id, exc_info=True)
+                    log.warning("lease renewal of %s failed", self.claim.id, exc_info=True)
 
 
 def _write_results(job: Job, claim: jobs.Claim, result: Any, record: dict[str, Any], workdir: Path,
@@ -176,20 +176,13 @@ def run_job(job_id: str) -> str:
 
 
 def _fail(claim: jobs.Claim, code: str, message: str, retry: bool = False) -> str:
-    settings = get_settings()
-    retry = retry and claim.attempt < settings.jobs.max_attempts
-    if not retry:
+    if not (retry and claim.attempt < get_settings().jobs.max_attempts):
         try:  # every attempt's partial results: earlier attempts may have died mid-write
-            get_storage().delete_prefix(f"jobs/{claim.job_id}/attempt-")
+            get_storage().delete_prefix(f"jobs/{claim.id}/attempt-")
         except StorageError:
-            log.warning("could not delete the partial results of job %s", claim.job_id)
-    with session_scope() as session:
-        jobs.fail(session, claim, code=code, message=message, retry=retry)
-    if retry:
-        publish_synthesis(claim.job_id)
-    log.warning("job %s attempt %d: %s (%s)%s", claim.job_id, claim.attempt, code, message,
-                " - re-queued" if retry else "")
-    return "requeued" if retry else "failed"
+            log.warning("could not delete the partial results of job %s", claim.id)
+    return runtime.end_attempt(jobs.LEASES, claim, code=code, message=message, retry=retry,
+                               max_attempts=get_settings().jobs.max_attempts, publish=publish_synthesis)
 
 
 @app.task(name=SYNTHESIZE_TASK, acks_late=True, reject_on_worker_lost=True)

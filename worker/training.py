@@ -369,13 +369,9 @@ def run_training(run_id: str) -> str:
 
 
 def _fail(claim: training.Claim, monitor: Monitor, code: str, message: str, retry: bool = False) -> str:
-    retry = retry and claim.attempt < get_settings().training.max_attempts
-    with session_scope() as session:
-        training.fail(session, claim, code=code, message=message[-4000:], retry=retry, log_tail=monitor.log_tail())
-    if retry:
-        publish_training(claim.job_id)
-    log.warning("training run %s attempt %d: %s%s", claim.job_id, claim.attempt, code, " - re-queued" if retry else "")
-    return "requeued" if retry else "failed"
+    return runtime.end_attempt(training.LEASES, claim, code=code, message=message[-4000:], retry=retry,
+                               max_attempts=get_settings().training.max_attempts, publish=publish_training,
+                               log_tail=monitor.log_tail())
 
 
 _limit = get_settings().training.time_limit_seconds
