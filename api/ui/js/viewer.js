@@ -61,11 +61,14 @@ export class Viewer {
       specs.push(s);
       if (s.differenceOf) specs.push({ id: `${s.differenceOf}.difference`, title: `${s.differenceOf.toUpperCase()} synthetic − reference`, diffOf: [s.differenceOf, s.id] });
     }
+    // every panel in the page first: NiiVue resizes its canvas with its box, so adding panels one by one would
+    // resize (and redraw) the earlier ones each time
+    const panels = specs.map((s) => this.buildPanel(s));
+    grid.append(...panels.map((p) => p.figure));
     const images = {};
     for (const [i, s] of specs.entries()) {
       onProgress(`Preparing ${s.title} (${i + 1}/${specs.length})`);
-      const panel = this.buildPanel(s);
-      grid.append(panel.figure);
+      const panel = panels[i];
       const nv = new Niivue({ ...OPTIONS });
       await nv.attachToCanvas(panel.canvas);
       nv.addColormap("msgldm_diff", DIFF_CMAP);
@@ -78,18 +81,17 @@ export class Viewer {
         images[s.id] = image;
       }
       image.colorbarVisible = false;
-      nv.addVolume(image);
+      nv.addVolume(image);  // uploads it (updateGLVolume)
       if (s.overlay) {
         const overlay = await NVImage.loadFromUrl({ url: s.overlay.name, name: s.overlay.name,
           buffer: s.overlay.bytes.slice(0), colormap: "hot", opacity: 0.6 });
         overlay.cal_min = overlay.robust_min > 0 ? overlay.robust_min : 0.25 * overlay.robust_max;
         overlay.cal_max = overlay.robust_max || overlay.global_max;
         overlay.colorbarVisible = true;
-        nv.addVolume(overlay);
         nv.opts.isColorbar = true;
+        nv.addVolume(overlay);
         panel.overlayOpacity = 0.6;
       }
-      nv.updateGLVolume();
       panel.range = [nv.volumes[0].cal_min, nv.volumes[0].cal_max];
       nv.onLocationChange = () => this.follow(nv);
       nv.onIntensityChange = () => this.syncWindowInputs(panel);
