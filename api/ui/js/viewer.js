@@ -46,7 +46,7 @@ export class Viewer {
     this.series = series;
     this.layout = "axial";
     this.linkZoom = false;
-    this.panels = [];  // {id, title, nv, synthetic, range: [lo, hi] (reset values), controls}
+    this.panels = [];  // {id, title, nv, canvas, figure, synthetic, range: [lo, hi] (the reset window), width, level}
     this.element = h("section", { class: "viewer", tabindex: 0, "aria-label": "Slice viewer (arrow keys scroll slices)" });
     this.element.addEventListener("keydown", (e) => this.key(e), { capture: true });  // before NiiVue's own keys
   }
@@ -59,7 +59,10 @@ export class Viewer {
     const specs = [];
     for (const s of this.series) {
       specs.push(s);
-      if (s.differenceOf) specs.push({ id: `${s.differenceOf}.difference`, title: `${s.differenceOf.toUpperCase()} synthetic − reference`, diffOf: [s.differenceOf, s.id] });
+      if (s.differenceOf) {
+        specs.push({ id: `${s.differenceOf}.difference`, title: `${s.differenceOf.toUpperCase()} synthetic − reference`,
+          diffOf: [s.differenceOf, s.id] });
+      }
     }
     // every panel in the page first: NiiVue resizes its canvas with its box, so adding panels one by one would
     // resize (and redraw) the earlier ones each time
@@ -85,8 +88,8 @@ export class Viewer {
       if (s.overlay) {
         const overlay = await NVImage.loadFromUrl({ url: s.overlay.name, name: s.overlay.name,
           buffer: s.overlay.bytes.slice(0), colormap: "hot", opacity: 0.6 });
-        overlay.cal_min = overlay.robust_min > 0 ? overlay.robust_min : 0.25 * overlay.robust_max;
-        overlay.cal_max = overlay.robust_max || overlay.global_max;
+        overlay.cal_max = overlay.robust_max || overlay.global_max;  // below cal_min: transparent (the anatomy)
+        overlay.cal_min = Math.max(overlay.robust_min, 0.35 * overlay.cal_max);
         overlay.colorbarVisible = true;
         nv.opts.isColorbar = true;
         nv.addVolume(overlay);
