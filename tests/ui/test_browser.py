@@ -152,6 +152,22 @@ def test_sign_in_follow_a_job_view_slices_and_download(ui_service, page, tmp_pat
     page.locator("[data-overlay-opacity='flair']").fill("100")
     assert page.evaluate(PIXELS, "flair")[2] not in (wheeled[2], plain[2])
 
+    # zoom (Ctrl+wheel) and pan (middle-drag) are per panel: the others keep theirs
+    pan = "id => Array.from(window.msgldmViewer.panel(id).nv.scene.pan2Dxyzmm)"
+    t1_view = page.evaluate(pan, "t1")
+    box = page.locator("canvas[data-series='flair']").bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.keyboard.down("Control")
+    page.mouse.wheel(0, -120)
+    page.keyboard.up("Control")
+    zoomed = page.evaluate(pan, "flair")
+    assert zoomed[3] > 1, zoomed
+    page.mouse.down(button="middle")
+    page.mouse.move(box["x"] + box["width"] / 2 + 40, box["y"] + box["height"] / 2 + 25, steps=4)
+    page.mouse.up(button="middle")
+    assert page.evaluate(pan, "flair")[:3] != zoomed[:3], "middle-drag did not pan"
+    assert page.evaluate(pan, "t1") == t1_view
+
     # layouts: coronal steps through the volume's second axis; multiplanar shows three planes per panel
     page.locator(".viewer").focus()
     page.keyboard.press("c")

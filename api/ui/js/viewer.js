@@ -20,6 +20,8 @@ const OPTIONS = {
   isRadiologicalConvention: true, backColor: [0, 0, 0, 1], crosshairColor: [0.2, 0.9, 0.3, 0.9], show3Dcrosshair: false,
   isColorbar: false, multiplanarShowRender: 0 /* never: 2D planes only */, logLevel: "error", loadingText: "",
   dragModePrimary: DRAG_MODE.crosshair, dragMode: DRAG_MODE.contrast, isOrientationTextVisible: true,
+  mouseEventConfig: { leftButton: { primary: DRAG_MODE.crosshair }, rightButton: DRAG_MODE.contrast,
+    centerButton: DRAG_MODE.pan },
 };
 const HELP = "click: crosshair (all panels) · wheel / arrow keys / PgUp PgDn: slices · right-drag: window/level · "
   + "middle-drag: pan · Ctrl+wheel: zoom · A C S M: layout";
