@@ -3,12 +3,22 @@
 #   api     FastAPI under uvicorn; no torch (the API never imports it)
 #   worker  Celery worker with PyTorch; the torch wheel from PyPI bundles the CUDA runtime, so the host only
 #           needs the NVIDIA driver and the container toolkit (compose reserves the GPU)
+# The web viewer's NiiVue bundle, as `make install` makes it: npm ci from the lockfile, dist/index.js checked
+# against the recorded sha256 (api/ui/vendor/); no node in the final images
+FROM node:20-bookworm-slim AS ui-vendor
+WORKDIR /vendor
+COPY api/ui/vendor/package.json api/ui/vendor/package-lock.json api/ui/vendor/niivue.sha256 ./
+RUN npm ci --ignore-scripts --no-audit --no-fund --loglevel=error \
+ && cp node_modules/@niivue/niivue/dist/index.js niivue.js \
+ && echo "$(cat niivue.sha256)  niivue.js" | sha256sum -c --quiet
+
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN useradd --create-home --uid 10001 msgldm
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY api ./api
+COPY --from=ui-vendor /vendor/niivue.js ./api/ui/vendor/niivue.js
 COPY worker ./worker
 COPY migrations ./migrations
 COPY ops ./ops

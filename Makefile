@@ -12,12 +12,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[model,dev]'
 	touch $@
 
-install: $(VENV)/.installed
+# The web viewer's NiiVue bundle (docs/ui.md): npm ci from the lockfile, only dist/index.js kept (as niivue.js),
+# checked against the recorded sha256; nothing else from node_modules is served or kept.
+UI_VENDOR := api/ui/vendor
+$(UI_VENDOR)/niivue.js: $(UI_VENDOR)/package-lock.json $(UI_VENDOR)/niivue.sha256
+	cd $(UI_VENDOR) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	cp $(UI_VENDOR)/node_modules/@niivue/niivue/dist/index.js $@.tmp
+	rm -rf $(UI_VENDOR)/node_modules
+	echo "$$(cat $(UI_VENDOR)/niivue.sha256)  $@.tmp" | sha256sum -c --quiet
+	mv $@.tmp $@
 
-run: $(VENV)/.installed
+install: $(VENV)/.installed $(UI_VENDOR)/niivue.js
+
+run: install
 	PORT=$(PORT) $(PY) ops/run_local.py
 
-test: $(VENV)/.installed
+test: install
 	$(VENV)/bin/ruff check api worker model ops tests
 	$(VENV)/bin/bandit -q -c pyproject.toml -r api worker model ops
 	$(PY) -m pytest

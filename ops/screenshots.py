@@ -22,7 +22,7 @@ def main() -> int:
     env = {**os.environ, "MSGLDM_UI_SCREENSHOTS": str(ROOT / "docs" / "ui"),
            "MSGLDM_UI_CHECKPOINT": os.environ.get("MSGLDM_UI_CHECKPOINT", str(ROOT / "model" / "default")),
            "MSGLDM_UI_STEPS": os.environ.get("MSGLDM_UI_STEPS", "10"), "MSGLDM_UI_JOB_TIMEOUT": "1700",
-           "OMP_NUM_THREADS": "2"}
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "tests/ui", "-p", "no:cacheprovider"]
     return subprocess.call(cmd,  # nosec B603 - fixed argv
                            cwd=ROOT, env=env)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pytest
 
 from tests.service.test_api import assert_problem, auth, create_key, upload
@@ -13,9 +16,20 @@ def test_ui_is_served_without_a_key(app_client, stack):
     page = app_client.get("/ui/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'src="js/app.js"' in page.text
-    script = app_client.get("/ui/js/nifti.js")
+    script = app_client.get("/ui/js/viewer.js")
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
     assert app_client.get("/ui/js/missing.js").status_code == 404
+
+
+def test_the_niivue_bundle_is_served_as_recorded(app_client, stack):
+    """The viewer's NiiVue bundle (npm ci by `make install`) is served from the service, with the recorded hash."""
+    vendor = Path(__file__).resolve().parents[2] / "api" / "ui" / "vendor"
+    if not (vendor / "niivue.js").is_file():
+        pytest.skip("api/ui/vendor/niivue.js is not installed (make install runs npm ci for it)")
+    r = app_client.get("/ui/vendor/niivue.js")
+    assert r.status_code == 200 and "javascript" in r.headers["content-type"]
+    assert hashlib.sha256(r.content).hexdigest() == (vendor / "niivue.sha256").read_text().strip()
+    assert "export {" in r.text[-3000:]  # the ES module the viewer imports (dist/index.js)
 
 
 def test_inputs_are_downloadable_with_the_results_visibility(app_client, stack, study):

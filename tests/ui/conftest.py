@@ -13,6 +13,8 @@ import pytest
 from tests.service.conftest import Service, clear_caches, real_stack, running_service
 
 CHROMIUM = os.environ.get("MSGLDM_TEST_CHROMIUM", "/usr/bin/chromium")
+NIIVUE = Path(__file__).resolve().parents[2] / "api" / "ui" / "vendor" / "niivue.js"  # made by `make install`
+# WebGL2 for NiiVue without a GPU: ANGLE on SwiftShader (Chromium's CPU renderer), asked for explicitly
 SCREENSHOTS = os.environ.get("MSGLDM_UI_SCREENSHOTS")  # a folder: the tests also save the docs' screenshots there
 CHECKPOINT = os.environ.get("MSGLDM_UI_CHECKPOINT")  # ops/screenshots.py: the bundled model instead of random weights
 
@@ -35,9 +37,12 @@ def browser():
     """Headless Chromium from Debian's `chromium` package (apt-get install chromium)."""
     if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    if not NIIVUE.is_file():
+        pytest.skip(f"no NiiVue bundle at {NIIVUE} (make install runs npm ci for it)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (see pyproject dev extra)")
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--use-angle=swiftshader",
+                                                                         "--enable-unsafe-swiftshader"])
         yield browser
         browser.close()
 

@@ -1,5 +1,6 @@
 """The web UI in headless Chromium against real processes (uvicorn + a Celery worker on PostgreSQL, Redis and an
-S3 server): sign in, watch a job appear and finish, open it, scroll slices, download a result; admin pages."""
+S3 server): sign in, watch a job appear and finish, open it in the NiiVue viewer (linked crosshair, slices,
+window/level, the uncertainty overlay), download a result; admin pages."""
 
 from __future__ import annotations
 
@@ -16,12 +17,18 @@ import numpy as np
 from tests.service.conftest import brats_files, clear_caches, create_key
 from tests.ui.conftest import screenshot
 
-PIXELS = """s => {
-  const c = document.querySelector(`canvas[data-series='${s}']`);
-  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-  let hash = 0, sum = 0;
-  for (let i = 0; i < d.length; i += 4) { hash = (hash * 31 + d[i]) >>> 0; sum += d[i]; }
-  return [c.width, c.height, hash, sum];
+PIXELS = """id => {  // a panel's WebGL framebuffer, drawn now and read back at once (no preserveDrawingBuffer)
+  const nv = window.msgldmViewer.panel(id).nv;
+  nv.drawScene();
+  const gl = nv.gl, w = gl.drawingBufferWidth, h = gl.drawingBufferHeight;
+  const d = new Uint8Array(w * h * 4);
+  gl.readPixels(0, 0, w, h, gl.RGBA, gl.UNSIGNED_BYTE, d);
+  let hash = 0, lit = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    hash = (hash * 31 + d[i] + 7 * d[i + 1] + 13 * d[i + 2]) >>> 0;
+    if (d[i] + d[i + 1] + d[i + 2] > 30) lit++;
+  }
+  return [w, h, hash, lit];
 }"""
 BANNER = "SYNTHETIC - not for primary diagnosis"
 STEPS = os.environ.get("MSGLDM_UI_STEPS", "2")  # ops/screenshots.py asks for more with the bundled model
@@ -48,6 +55,8 @@ def submit_validation_job(base: str, key: str) -> str:
 
 def test_sign_in_follow_a_job_view_slices_and_download(ui_service, page, tmp_path: Path):
     reader = create_key(ui_service.stack, "radiologist")
+    requests: list[str] = []  # every request the page makes, checked at the end: none leaves the service
+    page.on("request", lambda r: requests.append(r.url))
     sign_in(page, ui_service.base, reader)
     page.get_by_text("No jobs match.").wait_for()
 
@@ -69,12 +78,17 @@ def test_sign_in_follow_a_job_view_slices_and_download(ui_service, page, tmp_pat
     page.select_option("#filter-target", "flair")
     row.wait_for()
 
-    # the job page: banner, every series side by side, validation metrics from the worker's record
+    # the job page: banner, one NiiVue panel per series, validation metrics from the worker's record
     row.get_by_role("link").click()
-    page.wait_for_function("() => window.msgldmViewer !== undefined", timeout=120_000)
+    page.wait_for_function("() => window.msgldmViewer !== undefined || document.querySelector('#viewer-box .error')",
+                           timeout=300_000)  # WebGL on the CPU (SwiftShader) here: ~10 s a panel
+    assert page.locator("#viewer-box .error").count() == 0, page.locator("#viewer-box").inner_text()
     assert BANNER in page.get_by_role("alert").first.inner_text()
     series = page.eval_on_selector_all("canvas", "cs => cs.map(c => c.dataset.series)")
-    assert series == ["t1", "t2", "t1ce", "flair", "flair.uncertainty", "flair.reference", "flair.difference"]
+    assert series == ["t1", "t2", "t1ce", "flair", "flair.reference", "flair.difference"]
+    banners = page.locator("[data-banner]")  # over every synthesized panel, and only those
+    assert banners.count() == 1 and banners.first.get_attribute("data-banner") == "flair"
+    assert banners.first.inner_text() == BANNER and banners.first.is_visible()
     api = httpx.Client(base_url=ui_service.base, headers={"Authorization": f"Bearer {reader}"}, timeout=60)
     job = api.get(f"/api/v1/jobs/{job_id}").json()
     assert {"preview.png", "report.html", "flair.uncertainty.nii.gz", "flair.reference.nii.gz"} <= set(job["results"])
@@ -82,22 +96,37 @@ def test_sign_in_follow_a_job_view_slices_and_download(ui_service, page, tmp_pat
     psnr = record["validation"]["metrics"]["flair"]["psnr"]
     assert f"{psnr:.2f}" in page.locator("#validation-metrics").inner_text()
     page.locator("#preview img").wait_for()
+    shape = record["inputs"]["t1"]["shape"]  # BraTS voxel axes run along R, A, S (up to sign)
+    assert page.evaluate("window.msgldmViewer.dims") == shape
+
+    # every panel draws the volume (not a blank canvas)
+    pixels = {s: page.evaluate(PIXELS, s) for s in series}
+    assert all(p[3] > 1000 for p in pixels.values()), pixels
+
+    # a click in one panel moves the crosshair of every panel to that point (NiiVue's own state, in mm)
+    xhair = "window.msgldmViewer.crosshairs()"
+    start_mm = page.evaluate(xhair)
+    box = page.locator("canvas[data-series='t2']").bounding_box()
+    page.mouse.click(box["x"] + 0.35 * box["width"], box["y"] + 0.6 * box["height"])
+    moved = page.evaluate(xhair)
+    assert moved["t2"] != start_mm["t2"], "the click did not move the crosshair"
+    assert all(moved[s] == moved["t2"] for s in series), moved
 
     # scroll: keyboard, then the mouse wheel; every panel follows the same slice and its pixels change
     before = {s: page.evaluate(PIXELS, s) for s in ("t1", "flair")}
-    assert before["flair"][3] > 0, "the synthesized slice is black"
     label = page.locator("#slice-label")
     start = label.inner_text()
     page.locator(".viewer").focus()
     for _ in range(8):
         page.keyboard.press("ArrowUp")
-    after = {s: page.evaluate(PIXELS, s) for s in ("t1", "flair")}
     assert label.inner_text() != start
+    after = {s: page.evaluate(PIXELS, s) for s in ("t1", "flair")}
     assert all(after[s][2] != before[s][2] for s in after), "a panel did not follow the slice change"
+    assert len({tuple(v) for v in page.evaluate(xhair).values()}) == 1, "the panels' crosshairs differ"
     page.locator("canvas[data-series='flair']").hover()
     for _ in range(3):
         page.mouse.wheel(0, 120)
-    page.wait_for_function(f"() => window.msgldmViewer.slice === {int(start.split()[1]) - 1 + 8 + 3}")
+    page.wait_for_function(f"() => window.msgldmViewer.slice !== {int(start.split()[1]) - 1 + 8}")
     wheeled = page.evaluate(PIXELS, "flair")
     assert wheeled[2] != after["flair"][2]
     page.evaluate("window.scrollTo(0, 0)")
@@ -105,13 +134,48 @@ def test_sign_in_follow_a_job_view_slices_and_download(ui_service, page, tmp_pat
     page.locator("#preview img").scroll_into_view_if_needed()
     screenshot(page, "job-report")
 
-    # window/level changes the rendering; the coronal plane has the volume's other shape
-    page.get_by_label("Window").fill("40")
-    assert page.evaluate(PIXELS, "flair")[2] != wheeled[2]
-    page.get_by_role("button", name="Coronal").click()
-    coronal = page.evaluate(PIXELS, "flair")
-    shape = record["inputs"]["t1"]["shape"]  # BraTS voxel axes run along R, A, S (up to sign)
-    assert coronal[:2] == [shape[0], shape[2]], (coronal, shape)
+    # window/level per panel: only that panel changes; Reset brings the first rendering back
+    t1 = page.evaluate(PIXELS, "t1")
+    page.locator("[data-window='flair']").fill("40")
+    windowed = page.evaluate(PIXELS, "flair")
+    assert windowed[2] != wheeled[2]
+    assert page.evaluate(PIXELS, "t1") == t1
+    page.locator("[data-reset='flair']").click()
+    assert page.evaluate(PIXELS, "flair") == wheeled
+
+    # the uncertainty overlay on the synthesized panel: off, on, more opaque
+    page.locator("[data-overlay-toggle='flair']").uncheck()
+    plain = page.evaluate(PIXELS, "flair")
+    assert plain[2] != wheeled[2], "hiding the uncertainty overlay changed nothing"
+    page.locator("[data-overlay-toggle='flair']").check()
+    assert page.evaluate(PIXELS, "flair") == wheeled
+    page.locator("[data-overlay-opacity='flair']").fill("100")
+    assert page.evaluate(PIXELS, "flair")[2] not in (wheeled[2], plain[2])
+
+    # zoom (Ctrl+wheel) and pan (middle-drag) are per panel: the others keep theirs
+    pan = "id => Array.from(window.msgldmViewer.panel(id).nv.scene.pan2Dxyzmm)"
+    t1_view = page.evaluate(pan, "t1")
+    box = page.locator("canvas[data-series='flair']").bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.keyboard.down("Control")
+    page.mouse.wheel(0, -120)
+    page.keyboard.up("Control")
+    zoomed = page.evaluate(pan, "flair")
+    assert zoomed[3] > 1, zoomed
+    page.mouse.down(button="middle")
+    page.mouse.move(box["x"] + box["width"] / 2 + 40, box["y"] + box["height"] / 2 + 25, steps=4)
+    page.mouse.up(button="middle")
+    assert page.evaluate(pan, "flair")[:3] != zoomed[:3], "middle-drag did not pan"
+    assert page.evaluate(pan, "t1") == t1_view
+
+    # layouts: coronal steps through the volume's second axis; multiplanar shows three planes per panel
+    page.locator(".viewer").focus()
+    page.keyboard.press("c")
+    assert page.locator("#slice-label").inner_text().startswith("coronal ")
+    assert page.locator("#slice-label").inner_text().endswith(f"/ {shape[1]}")
+    page.get_by_role("button", name="Multiplanar").click()
+    assert page.evaluate("window.msgldmViewer.panels.every(p => p.nv.opts.sliceType === 3)")
+    page.get_by_role("button", name="Axial").click()
 
     # download a result: the browser receives the same bytes the API serves
     with page.expect_download() as info:
@@ -121,6 +185,10 @@ def test_sign_in_follow_a_job_view_slices_and_download(ui_service, page, tmp_pat
     saved = tmp_path / download.suggested_filename
     download.save_as(saved)
     assert saved.read_bytes() == api.get(job["results"]["flair.nii.gz"]).content
+
+    # nothing left the service's origin: the page, NiiVue and every volume came from it
+    foreign = [u for u in requests if not u.startswith((ui_service.base + "/", "blob:", "data:"))]
+    assert f"{ui_service.base}/ui/vendor/niivue.js" in requests and not foreign, foreign
 
     # the admin pages say so when this server has no model registry (contract endpoints answer 404)
     page.goto(f"{ui_service.base}/ui/#/admin/models")
@@ -261,18 +329,22 @@ def _nifti_variants() -> dict[str, tuple[bytes, tuple[int, ...], np.ndarray, tup
     return out
 
 
-def test_nifti_reader_matches_nibabel(ui_service, page):
-    """api/ui/js/nifti.js in Chromium against nibabel: both NIfTI versions, gzip, byte orders, datatypes,
-    scaling, sform / qform-only, oblique and flipped axes (all reoriented to RAS+)."""
+def test_niivue_reads_what_nibabel_reads(ui_service, page):
+    """The served NiiVue bundle in Chromium against nibabel (what the viewer relies on now that the UI has no
+    NIfTI decoder of its own): both NIfTI versions, gzip, byte orders, datatypes, scaling, sform / qform-only,
+    oblique and flipped axes, all on a RAS+ voxel grid."""
     page.goto(f"{ui_service.base}/ui/")
-    read = """async b64 => {
-      const { readNifti } = await import('/ui/js/nifti.js');
+    read = """async ([b64, name]) => {
+      const { NVImage } = await import('/ui/vendor/niivue.js');
       const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-      const v = await readNifti(bytes.buffer);
-      return { dims: v.dims, spacing: v.spacing, data: Array.from(v.data) };
+      const v = await NVImage.loadFromUrl({ url: name, name, buffer: bytes.buffer });
+      const slope = v.hdr.scl_slope || 1, inter = v.hdr.scl_inter || 0;
+      return { dims: v.dimsRAS.slice(1, 4), spacing: v.pixDimsRAS.slice(1, 4),
+               data: Array.from(v.img2RAS(), x => x * slope + inter) };
     }"""
     for name, (raw, shape, expected, zooms) in _nifti_variants().items():
-        got = page.evaluate(read, base64.b64encode(raw).decode())
+        file = f"{name}.nii.gz" if "gz" in name else f"{name}.nii"
+        got = page.evaluate(read, [base64.b64encode(raw).decode(), file])
         assert got["dims"] == list(shape), (name, got["dims"], shape)
         np.testing.assert_allclose(got["data"], expected, rtol=1e-5, atol=1e-3, err_msg=name)
         np.testing.assert_allclose(got["spacing"], zooms, rtol=1e-4, err_msg=name)

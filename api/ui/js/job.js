@@ -1,8 +1,7 @@
 // One job: status (live while it runs), downloads, validation metrics, the slice viewer and the quality report.
 import { ApiError, api, download, fetchBlobUrl, fetchBytes } from "./api.js";
 import { Poller, badge, fmt, h, progressBar, shortId, when, put } from "./dom.js";
-import { readNifti } from "./nifti.js";
-import { Viewer, difference } from "./viewer.js";
+import { Viewer } from "./viewer.js";
 
 const ORDER = ["t1", "t2", "t1ce", "flair"];
 const BANNER = "SYNTHETIC - not for primary diagnosis";
@@ -26,23 +25,31 @@ function rank(name) {  // synthesized NIfTI first, then other NIfTI, DICOM, repo
   return 3;
 }
 
-/** The series to show, on the job's grid: inputs, then per target synthesized / uncertainty / reference. */
+/** The series to show: inputs, then per target synthesized (its uncertainty as an overlay) and reference. */
 function seriesOf(job) {
   const base = `/api/v1/jobs/${job.id}`;
   const res = job.results;
   const out = [];
   for (const m of ORDER.filter((x) => job.inputs.includes(x) && !job.targets.includes(x))) {
     const url = res[`${m}.input.nii.gz`] || `${base}/inputs/${m}`;  // a DICOM input's NIfTI, else the upload
-    out.push({ id: m, title: `${m.toUpperCase()} (input)`, url, kind: "gray" });
+    out.push({ id: m, title: `${m.toUpperCase()} (input)`, url });
   }
   for (const t of job.targets) {
-    if (res[`${t}.nii.gz`]) out.push({ id: t, title: `${t.toUpperCase()} SYNTHETIC`, url: res[`${t}.nii.gz`], kind: "gray", synthetic: true });
-    if (res[`${t}.uncertainty.nii.gz`]) out.push({ id: `${t}.uncertainty`, title: `${t.toUpperCase()} uncertainty (SD)`,
-      url: res[`${t}.uncertainty.nii.gz`], kind: "heat" });
+    if (res[`${t}.nii.gz`]) {
+      const overlay = res[`${t}.uncertainty.nii.gz`]
+        ? { id: `${t}.uncertainty`, title: "uncertainty (SD)", url: res[`${t}.uncertainty.nii.gz`] } : null;
+      out.push({ id: t, title: `${t.toUpperCase()} SYNTHETIC`, url: res[`${t}.nii.gz`], synthetic: true, overlay });
+    }
     if (res[`${t}.reference.nii.gz`]) out.push({ id: `${t}.reference`, title: `${t.toUpperCase()} reference (acquired)`,
-      url: res[`${t}.reference.nii.gz`], kind: "gray", differenceOf: t });
+      url: res[`${t}.reference.nii.gz`], differenceOf: t });
   }
   return out;
+}
+
+/** A file name NiiVue reads the bytes by (an upload's URL has no extension): gzip or plain NIfTI. */
+function niftiName(id, bytes) {
+  const b = new Uint8Array(bytes, 0, 2);
+  return `${id}.${b[0] === 0x1f && b[1] === 0x8b ? "nii.gz" : "nii"}`;
 }
 
 export function jobView(root, jobId) {
@@ -54,6 +61,7 @@ export function jobView(root, jobId) {
   put(root, h("div", { class: "synthetic-banner", role: "alert" }, BANNER), head, validation, viewerBox,
     downloads, report);
   let loaded = false;
+  let current = null;
   const urls = [];
 
   function drawHead(job) {
@@ -133,32 +141,21 @@ export function jobView(root, jobId) {
     const series = seriesOf(job);
     const status = h("p", { class: "muted", id: "viewer-status", "aria-live": "polite" }, "Loading volumes…");
     put(viewerBox, h("h2", {}, "Viewer"), status);
-    const volumes = {};
-    for (const [i, s] of series.entries()) {
-      const bytes = await fetchBytes(s.url, (n, total) => {
-        status.textContent = `Loading ${s.title} (${i + 1}/${series.length}): ${(n / 1e6).toFixed(1)}`
+    const files = series.flatMap((s) => (s.overlay ? [s, s.overlay] : [s]));
+    for (const [i, s] of files.entries()) {  // with the key in a header; NiiVue gets the bytes, never a URL
+      s.bytes = await fetchBytes(s.url, (n, total) => {
+        status.textContent = `Loading ${s.title} (${i + 1}/${files.length}): ${(n / 1e6).toFixed(1)}`
           + `${total ? ` / ${(total / 1e6).toFixed(1)}` : ""} MB`;
       });
-      volumes[s.id] = await readNifti(bytes);
+      s.name = niftiName(s.id, s.bytes);
     }
-    const panels = [];
-    for (const s of series) {
-      panels.push({ ...s, volume: volumes[s.id] });
-      if (s.differenceOf && volumes[s.differenceOf]) {
-        panels.push({ id: `${s.differenceOf}.difference`, title: `${s.differenceOf.toUpperCase()} synthetic − reference`,
-          kind: "diff", volume: difference(volumes[s.differenceOf], volumes[s.id]) });
-      }
-    }
-    const grid = panels[0].volume.dims.join("×");
-    const bad = panels.filter((p) => p.volume.dims.join("×") !== grid);
-    if (bad.length) {
-      status.textContent = `Not on one grid: ${bad.map((p) => p.title).join(", ")}; cannot show side by side.`;
-      return;
-    }
-    const viewer = new Viewer(panels);
-    status.textContent = `${panels.length} series on a ${grid} grid`;
+    const viewer = new Viewer(series);
     viewerBox.append(viewer.element);
+    await viewer.load((text) => { status.textContent = text; });
+    const [x, y, z] = viewer.dims;
+    status.textContent = `${viewer.panels.length} panels on a ${x}×${y}×${z} grid`;
     window.msgldmViewer = viewer;  // for the browser tests and the console
+    current = viewer;
   }
 
   const poller = new Poller(async () => {
@@ -186,5 +183,6 @@ export function jobView(root, jobId) {
   }, 2000);
   poller.restart = () => { poller.stopped = false; poller.start(); };
   poller.start();
-  return () => { poller.stop(); urls.forEach((u) => URL.revokeObjectURL(u)); delete window.msgldmViewer; };
+  return () => { poller.stop(); urls.forEach((u) => URL.revokeObjectURL(u)); current?.destroy();
+    delete window.msgldmViewer; };
 }

@@ -1,194 +1,279 @@
-// Slice viewer: every series of a job on one RAS+ grid, shown side by side, scrolled and windowed together.
-// Radiological convention: the patient's right is on the viewer's left (axial, coronal); anterior left (sagittal).
+// Slice viewer on NiiVue (WebGL2; ../vendor/niivue.js, installed from npm by `make install`, docs/ui.md): one
+// NiiVue instance per series, side by side, the crosshair (hence the slices) linked across them, zoom and pan per
+// panel unless "Link zoom" is on, window/level per panel, the uncertainty as an overlay on the synthesized panel.
+// Radiological convention: the patient's right is on the viewer's left.
+import { DRAG_MODE, NVImage, Niivue, SLICE_TYPE } from "../vendor/niivue.js";
 import { h } from "./dom.js";
 
-const PLANES = {  // fixed axis, image axes (column, row) with their flips, orientation letters (left, right)
-  axial: { fixed: 2, col: 0, row: 1, letters: ["R", "L"] },
-  coronal: { fixed: 1, col: 0, row: 2, letters: ["R", "L"] },
-  sagittal: { fixed: 0, col: 1, row: 2, letters: ["A", "P"] },
+const BANNER = "SYNTHETIC - not for primary diagnosis";
+const LAYOUTS = {  // layout -> NiiVue slice type and the RAS voxel axis the slice keys and slider step along
+  axial: { type: SLICE_TYPE.AXIAL, axis: 2, key: "a" },
+  coronal: { type: SLICE_TYPE.CORONAL, axis: 1, key: "c" },
+  sagittal: { type: SLICE_TYPE.SAGITTAL, axis: 0, key: "s" },
+  multiplanar: { type: SLICE_TYPE.MULTIPLANAR, axis: 2, key: "m" },
 };
+const DIFF_CMAP = {  // synthetic - reference: blue (synthesis too dark) - black (equal) - red (too bright)
+  R: [0, 0, 0, 128, 255], G: [0, 0, 0, 0, 0], B: [255, 128, 0, 0, 0], A: [255, 255, 255, 255, 255],
+  I: [0, 64, 128, 192, 255],
+};
+const OPTIONS = {
+  isRadiologicalConvention: true, backColor: [0, 0, 0, 1], crosshairColor: [0.2, 0.9, 0.3, 0.9], show3Dcrosshair: false,
+  isColorbar: false, multiplanarShowRender: 0 /* never: 2D planes only */, logLevel: "error", loadingText: "",
+  dragModePrimary: DRAG_MODE.crosshair, dragMode: DRAG_MODE.contrast, isOrientationTextVisible: true,
+  mouseEventConfig: { leftButton: { primary: DRAG_MODE.crosshair }, rightButton: DRAG_MODE.contrast,
+    centerButton: DRAG_MODE.pan },
+};
+const HELP = "click: crosshair (all panels) · wheel / arrow keys / PgUp PgDn: slices · right-drag: window/level · "
+  + "middle-drag: pan · Ctrl+wheel: zoom · A C S M: layout";
 
-function heatLut() {  // black -> purple -> orange -> yellow (magma-like), 256 entries
-  const stops = [[0, 0, 0, 4], [0.3, 90, 22, 110], [0.6, 220, 70, 80], [0.85, 252, 170, 70], [1, 252, 253, 191]];
-  const lut = new Uint8ClampedArray(256 * 3);
-  for (let i = 0; i < 256; i++) {
-    const t = i / 255;
-    let k = 0;
-    while (k < stops.length - 2 && t > stops[k + 1][0]) k++;
-    const [t0, ...a] = stops[k], [t1, ...b] = stops[k + 1];
-    const f = (t - t0) / (t1 - t0);
-    for (let c = 0; c < 3; c++) lut[3 * i + c] = a[c] + f * (b[c] - a[c]);
-  }
-  return lut;
-}
-const HEAT = heatLut();
-
-/** synthesized - reference as a volume (same grid), shown on a blue-white-red scale. */
-export function difference(a, b) {
-  const data = new Float32Array(a.data.length);
-  for (let i = 0; i < data.length; i++) data[i] = a.data[i] - b.data[i];
-  return { dims: a.dims, spacing: a.spacing, data, min: -1, max: 1, low: -0.5, high: 0.5 };
+/** The difference synthetic - reference as a new image on the synthesized one's grid (both on the job's grid). */
+function difference(synth, ref) {
+  const diff = synth.clone();
+  const a = synth.img, b = ref.img, n = a.length;
+  const sa = synth.hdr.scl_slope || 1, ia = synth.hdr.scl_inter || 0;
+  const sb = ref.hdr.scl_slope || 1, ib = ref.hdr.scl_inter || 0;
+  diff.img = new Float32Array(n);
+  for (let i = 0; i < n; i++) diff.img[i] = (a[i] * sa + ia) - (b[i] * sb + ib);
+  Object.assign(diff.hdr, { datatypeCode: 16, numBitsPerVoxel: 32, scl_slope: 1, scl_inter: 0 });
+  diff.name = `${synth.name}-difference`;
+  diff.colormap = "msgldm_diff";
+  diff.cal_min = -0.5;
+  diff.cal_max = 0.5;
+  return diff;
 }
 
 export class Viewer {
-  /** panels: [{id, title, volume, kind: "gray" | "heat" | "diff", synthetic}] */
-  constructor(panels) {
-    this.panels = panels;
-    const dims = panels[0].volume.dims;
-    this.dims = dims;
-    this.cursor = dims.map((d) => Math.floor(d / 2));
-    this.plane = "axial";
-    this.level = 50;  // percent of each series' own display range
-    this.width = 100;
-    this.element = this.build();
-    this.render();
+  /** series: [{id, title, bytes (ArrayBuffer of a NIfTI), name, synthetic, overlay: {bytes, name, title}, differenceOf}] */
+  constructor(series) {
+    this.series = series;
+    this.layout = "axial";
+    this.linkZoom = false;
+    this.panels = [];  // {id, title, nv, canvas, figure, synthetic, range: [lo, hi] (the reset window), width, level}
+    this.element = h("section", { class: "viewer", tabindex: 0, "aria-label": "Slice viewer (arrow keys scroll slices)" });
+    this.element.addEventListener("keydown", (e) => this.key(e), { capture: true });  // before NiiVue's own keys
   }
 
-  build() {
+  /** Builds the panels and loads every volume; call once this.element is in the document (NiiVue sizes to it). */
+  async load(onProgress = () => {}) {
+    const controls = this.buildControls();
+    const grid = h("div", { class: "panels" });
+    this.element.append(controls, grid);
+    const specs = [];
+    for (const s of this.series) {
+      specs.push(s);
+      if (s.differenceOf) {
+        specs.push({ id: `${s.differenceOf}.difference`, title: `${s.differenceOf.toUpperCase()} synthetic − reference`,
+          diffOf: [s.differenceOf, s.id] });
+      }
+    }
+    // every panel in the page first: NiiVue resizes its canvas with its box, so adding panels one by one would
+    // resize (and redraw) the earlier ones each time
+    const panels = specs.map((s) => this.buildPanel(s));
+    grid.append(...panels.map((p) => p.figure));
+    const images = {};
+    for (const [i, s] of specs.entries()) {
+      onProgress(`Preparing ${s.title} (${i + 1}/${specs.length})`);
+      const panel = panels[i];
+      const nv = new Niivue({ ...OPTIONS });
+      await nv.attachToCanvas(panel.canvas);
+      nv.addColormap("msgldm_diff", DIFF_CMAP);
+      panel.nv = nv;
+      let image;
+      if (s.diffOf) {
+        image = difference(images[s.diffOf[0]], images[s.diffOf[1]]);
+      } else {
+        image = await NVImage.loadFromUrl({ url: s.name, name: s.name, buffer: s.bytes.slice(0), colormap: "gray" });
+        images[s.id] = image;
+      }
+      image.colorbarVisible = false;
+      nv.addVolume(image);  // uploads it (updateGLVolume)
+      if (s.overlay) {
+        const overlay = await NVImage.loadFromUrl({ url: s.overlay.name, name: s.overlay.name,
+          buffer: s.overlay.bytes.slice(0), colormap: "hot", opacity: 0.6 });
+        overlay.cal_max = overlay.robust_max || overlay.global_max;  // below cal_min: transparent (the anatomy)
+        overlay.cal_min = Math.max(overlay.robust_min, 0.35 * overlay.cal_max);
+        overlay.colorbarVisible = true;
+        nv.opts.isColorbar = true;
+        nv.addVolume(overlay);
+        panel.overlayOpacity = 0.6;
+      }
+      panel.range = [nv.volumes[0].cal_min, nv.volumes[0].cal_max];
+      nv.onLocationChange = () => this.follow(nv);
+      nv.onIntensityChange = () => this.syncWindowInputs(panel);
+      this.panels.push(panel);
+      this.syncWindowInputs(panel);
+    }
+    this.setLayout(this.layout);
+    this.follow(this.panels[0].nv);
+    return this;
+  }
+
+  buildControls() {
     this.slider = h("input", { type: "range", id: "slice", min: 0, value: 0, "aria-label": "Slice",
       oninput: (e) => this.setSlice(Number(e.target.value)) });
     this.sliceLabel = h("span", { class: "mono", id: "slice-label", "aria-live": "polite" });
-    this.levelInput = h("input", { type: "range", min: 0, max: 100, value: this.level, "aria-label": "Level",
-      oninput: (e) => { this.level = Number(e.target.value); this.render(); } });
-    this.widthInput = h("input", { type: "range", min: 5, max: 200, value: this.width, "aria-label": "Window",
-      oninput: (e) => { this.width = Number(e.target.value); this.render(); } });
-    this.planeButtons = Object.keys(PLANES).map((p) => h("button", { type: "button", "data-plane": p,
-      "aria-pressed": String(p === this.plane), onclick: () => this.setPlane(p) }, p[0].toUpperCase() + p.slice(1)));
-    const controls = h("div", { class: "viewer-controls" },
-      h("span", { class: "planes", role: "group", "aria-label": "Plane" }, this.planeButtons),
+    this.layoutButtons = Object.keys(LAYOUTS).map((l) => h("button", { type: "button", "data-layout": l,
+      "aria-pressed": String(l === this.layout), onclick: () => this.setLayout(l) }, l[0].toUpperCase() + l.slice(1)));
+    return h("div", { class: "viewer-controls" },
+      h("span", { class: "planes", role: "group", "aria-label": "Layout" }, this.layoutButtons),
       h("label", {}, "Slice ", this.slider), this.sliceLabel,
-      h("label", {}, "Window ", this.widthInput), h("label", {}, "Level ", this.levelInput),
-      h("button", { type: "button", onclick: () => this.resetWindow() }, "Reset W/L"),
-      h("span", { class: "muted" }, "wheel / arrow keys / PgUp PgDn: slices · drag: window/level · click: cross-reference · A C S: plane"));
-    this.canvases = this.panels.map((p) => {
-      const canvas = h("canvas", { "data-series": p.id, "aria-label": `${p.title} slice` });
-      canvas.addEventListener("wheel", (e) => { e.preventDefault(); this.step(e.deltaY > 0 ? 1 : -1); }, { passive: false });
-      this.attachDrag(canvas);
-      return canvas;
-    });
-    this.letters = this.panels.map(() => [h("span", { class: "orient l" }), h("span", { class: "orient r" })]);
-    const panels = h("div", { class: "panels" }, this.panels.map((p, i) => h("figure",
-      { class: `panel ${p.synthetic ? "synthetic" : ""}`, style: "margin:0" },
-      h("h3", {}, p.title), h("div", { style: "position:relative" }, this.canvases[i], ...this.letters[i]))));
-    const root = h("section", { class: "viewer", tabindex: 0, "aria-label": "Slice viewer (arrow keys scroll slices)",
-      onkeydown: (e) => this.key(e) }, controls, panels);
-    return root;
+      h("label", {}, h("input", { type: "checkbox", id: "link-zoom", onchange: (e) => { this.linkZoom = e.target.checked; } }),
+        " Link zoom"),
+      h("button", { type: "button", onclick: () => this.resetAll() }, "Reset all W/L"),
+      h("span", { class: "muted" }, HELP));
   }
 
-  attachDrag(canvas) {
-    let start = null;
-    canvas.addEventListener("pointerdown", (e) => {
-      start = { x: e.clientX, y: e.clientY, level: this.level, width: this.width, moved: false };
-      canvas.setPointerCapture(e.pointerId);
-    });
-    canvas.addEventListener("pointermove", (e) => {
-      if (!start) return;
-      const dx = e.clientX - start.x, dy = e.clientY - start.y;
-      if (Math.abs(dx) + Math.abs(dy) > 3) start.moved = true;
-      if (!start.moved) return;
-      this.width = Math.min(200, Math.max(5, start.width + dx / 3));
-      this.level = Math.min(100, Math.max(0, start.level - dy / 3));
-      this.widthInput.value = this.width; this.levelInput.value = this.level;
-      this.render();
-    });
-    canvas.addEventListener("pointerup", (e) => {
-      if (start && !start.moved) this.pick(canvas, e);
-      start = null;
-    });
+  buildPanel(s) {
+    const canvas = h("canvas", { "data-series": s.id, "aria-label": `${s.title} slice` });
+    const stage = h("div", { class: "panel-stage" }, canvas,
+      s.synthetic ? h("div", { class: "panel-banner", "data-banner": s.id }, BANNER) : null);
+    stage.addEventListener("wheel", (e) => this.zoom(e, panel), { capture: true, passive: false });
+    const panel = { id: s.id, title: s.title, canvas, synthetic: Boolean(s.synthetic) };
+    const label = `${s.title}: `;
+    panel.width = h("input", { type: "range", min: 2, max: 200, value: 100, "aria-label": `${label}window`,
+      "data-window": s.id, oninput: () => this.applyWindow(panel) });
+    panel.level = h("input", { type: "range", min: -50, max: 150, value: 50, "aria-label": `${label}level`,
+      "data-level": s.id, oninput: () => this.applyWindow(panel) });
+    const rows = [h("label", {}, "W ", panel.width), h("label", {}, "L ", panel.level),
+      h("button", { type: "button", "data-reset": s.id, onclick: () => this.resetWindow(panel) }, "Reset")];
+    if (s.overlay) {
+      rows.push(h("label", {}, h("input", { type: "checkbox", checked: true, "data-overlay-toggle": s.id,
+        onchange: (e) => this.setOverlay(panel, e.target.checked) }), ` ${s.overlay.title}`),
+      h("label", {}, "opacity ", h("input", { type: "range", min: 0, max: 100, value: 60, "data-overlay-opacity": s.id,
+        "aria-label": `${s.overlay.title} opacity`, oninput: (e) => this.setOverlay(panel, true, Number(e.target.value) / 100) })));
+    }
+    panel.figure = h("figure", { class: `panel ${s.synthetic ? "synthetic" : ""}`, "data-panel": s.id, style: "margin:0" },
+      h("h3", {}, s.title), stage, h("div", { class: "panel-controls" }, rows));
+    return panel;
   }
 
-  pick(canvas, e) {  // click: move the other two planes' cursor to this point
-    const rect = canvas.getBoundingClientRect();
-    const c = Math.floor(((e.clientX - rect.left) / rect.width) * canvas.width);
-    const r = Math.floor(((e.clientY - rect.top) / rect.height) * canvas.height);
-    const pl = PLANES[this.plane];
-    this.cursor[pl.col] = this.dims[pl.col] - 1 - c;
-    this.cursor[pl.row] = this.dims[pl.row] - 1 - r;
-    this.render();
+  /** The crosshair of `src` (in mm) to every other panel; zoom and pan too when linked. */
+  follow(src) {
+    if (this.syncing) return;
+    this.syncing = true;
+    try {
+      const mm = src.frac2mm(src.scene.crosshairPos);
+      for (const p of this.panels) {
+        if (p.nv === src) continue;
+        p.nv.scene.crosshairPos = p.nv.mm2frac(mm);
+        if (this.linkZoom) p.nv.scene.pan2Dxyzmm = [...src.scene.pan2Dxyzmm];
+        p.nv.drawScene();
+      }
+    } finally {
+      this.syncing = false;
+    }
+    this.drawSliceInputs();
+  }
+
+  zoom(e, panel) {  // Ctrl+wheel: zoom this panel (all of them with "Link zoom") about its centre
+    if (!e.ctrlKey) return;
+    e.preventDefault();
+    e.stopPropagation();
+    const pan = panel.nv.scene.pan2Dxyzmm;
+    pan[3] = Math.min(8, Math.max(0.5, pan[3] * (e.deltaY < 0 ? 1.1 : 1 / 1.1)));
+    panel.nv.drawScene();
+    if (this.linkZoom) this.follow(panel.nv);
+  }
+
+  get nv() { return this.panels[0].nv; }
+
+  /** Voxel of the crosshair on the first panel's RAS grid, and the grid's size (x, y, z). */
+  get voxel() { return Array.from(this.nv.frac2vox(this.nv.scene.crosshairPos)).map(Math.round); }
+
+  get dims() { return this.nv.volumes[0].dimsRAS.slice(1, 4); }
+
+  get slice() { return this.voxel[LAYOUTS[this.layout].axis]; }
+
+  /** For the tests and the console: the crosshair of each panel in mm (rounded to 0.01). */
+  crosshairs() {
+    return Object.fromEntries(this.panels.map((p) => [p.id,
+      Array.from(p.nv.frac2mm(p.nv.scene.crosshairPos)).slice(0, 3).map((v) => Math.round(v * 100) / 100)]));
+  }
+
+  panel(id) { return this.panels.find((p) => p.id === id); }
+
+  drawSliceInputs() {
+    const axis = LAYOUTS[this.layout].axis;
+    const n = this.dims[axis];
+    this.slider.max = n - 1;
+    this.slider.value = this.slice;
+    const name = this.layout === "multiplanar" ? "axial" : this.layout;
+    this.sliceLabel.textContent = `${name} ${this.slice + 1} / ${n}`;
+  }
+
+  setSlice(index) {
+    const axis = LAYOUTS[this.layout].axis;
+    const target = Math.max(0, Math.min(this.dims[axis] - 1, index));
+    const delta = [0, 0, 0];
+    delta[axis] = target - this.slice;
+    if (delta[axis] !== 0) this.nv.moveCrosshairInVox(...delta);  // its location change moves the others
+  }
+
+  step(delta) { this.setSlice(this.slice + delta); }
+
+  setLayout(layout) {
+    this.layout = layout;
+    this.layoutButtons.forEach((b) => b.setAttribute("aria-pressed", String(b.dataset.layout === layout)));
+    for (const p of this.panels) p.nv.setSliceType(LAYOUTS[layout].type);
+    if (this.panels.length) this.drawSliceInputs();
   }
 
   key(e) {
     const steps = { ArrowUp: 1, ArrowRight: 1, ArrowDown: -1, ArrowLeft: -1, PageUp: 10, PageDown: -10 };
-    const planes = { a: "axial", c: "coronal", s: "sagittal" };
+    const layouts = Object.fromEntries(Object.entries(LAYOUTS).map(([k, v]) => [v.key, k]));
+    if (e.target instanceof HTMLInputElement && e.target.type === "range") return;  // the sliders' own keys
+    if (!this.panels.length) return;
     if (e.key in steps) this.step(steps[e.key]);
     else if (e.key === "Home") this.setSlice(0);
-    else if (e.key === "End") this.setSlice(this.dims[PLANES[this.plane].fixed] - 1);
-    else if (e.key.toLowerCase() in planes && !e.ctrlKey && !e.metaKey) this.setPlane(planes[e.key.toLowerCase()]);
+    else if (e.key === "End") this.setSlice(this.dims[LAYOUTS[this.layout].axis] - 1);
+    else if (e.key.toLowerCase() in layouts && !e.ctrlKey && !e.metaKey && !e.altKey) this.setLayout(layouts[e.key.toLowerCase()]);
     else return;
     e.preventDefault();
+    e.stopPropagation();
   }
 
-  resetWindow() {
-    this.level = 50; this.width = 100;
-    this.levelInput.value = this.level; this.widthInput.value = this.width;
-    this.render();
+  /** Window and level sliders in percent of the panel's reset range: level 50, window 100 = that range. */
+  applyWindow(panel) {
+    const [lo, hi] = panel.range;
+    const span = hi - lo || 1;
+    const centre = lo + (span * Number(panel.level.value)) / 100;
+    const half = (span * Number(panel.width.value)) / 200;
+    const vol = panel.nv.volumes[0];
+    vol.cal_min = centre - half;
+    vol.cal_max = centre + half;
+    panel.nv.updateGLVolume();
   }
 
-  setPlane(plane) {
-    this.plane = plane;
-    this.planeButtons.forEach((b) => b.setAttribute("aria-pressed", String(b.dataset.plane === plane)));
-    this.render();
+  syncWindowInputs(panel) {  // after a right-drag in NiiVue, show its window in the sliders
+    if (!panel.range) return;
+    const [lo, hi] = panel.range;
+    const span = hi - lo || 1;
+    const vol = panel.nv.volumes[0];
+    panel.width.value = String(Math.round(((vol.cal_max - vol.cal_min) / span) * 100));
+    panel.level.value = String(Math.round((((vol.cal_max + vol.cal_min) / 2 - lo) / span) * 100));
   }
 
-  step(delta) { this.setSlice(this.cursor[PLANES[this.plane].fixed] + delta); }
-
-  setSlice(index) {
-    const axis = PLANES[this.plane].fixed;
-    this.cursor[axis] = Math.max(0, Math.min(this.dims[axis] - 1, index));
-    this.render();
+  resetWindow(panel) {
+    panel.width.value = "100";
+    panel.level.value = "50";
+    this.applyWindow(panel);
   }
 
-  get slice() { return this.cursor[PLANES[this.plane].fixed]; }
+  resetAll() { this.panels.forEach((p) => this.resetWindow(p)); }
 
-  render() {
-    const pl = PLANES[this.plane];
-    const [nx, ny] = this.dims;
-    const w = this.dims[pl.col], hgt = this.dims[pl.row];
-    const n = this.dims[pl.fixed];
-    this.slider.max = n - 1;
-    this.slider.value = this.slice;
-    this.sliceLabel.textContent = `${this.plane} ${this.slice + 1} / ${n}`;
-    const strides = [1, nx, nx * ny];
-    this.panels.forEach((p, i) => {
-      const vol = p.volume;
-      const canvas = this.canvases[i];
-      if (canvas.width !== w || canvas.height !== hgt) { canvas.width = w; canvas.height = hgt; }
-      canvas.style.aspectRatio = `${w * vol.spacing[pl.col]} / ${hgt * vol.spacing[pl.row]}`;
-      const [left, right] = this.letters[i];
-      left.textContent = pl.letters[0]; right.textContent = pl.letters[1];
-      const ctx = canvas.getContext("2d");
-      const img = ctx.createImageData(w, hgt);
-      const px = img.data;
-      const range = vol.high - vol.low || 1;
-      let lo, hi;
-      if (p.kind === "diff") { hi = 0.5 * range * (this.width / 100); lo = -hi; } else {
-        const center = vol.low + range * (this.level / 100);
-        const half = (range * this.width) / 200;
-        lo = center - half; hi = center + half;
-      }
-      const scale = 255 / (hi - lo || 1);
-      const base = this.cursor[pl.fixed] * strides[pl.fixed];
-      const sc = strides[pl.col], sr = strides[pl.row];
-      let o = 0;
-      for (let r = 0; r < hgt; r++) {
-        const rowBase = base + (hgt - 1 - r) * sr;
-        for (let c = 0; c < w; c++, o += 4) {
-          const v = vol.data[rowBase + (w - 1 - c) * sc];
-          let g = (v - lo) * scale;
-          g = g < 0 ? 0 : g > 255 ? 255 : g;
-          if (p.kind === "heat") {
-            const k = (g | 0) * 3;
-            px[o] = HEAT[k]; px[o + 1] = HEAT[k + 1]; px[o + 2] = HEAT[k + 2];
-          } else if (p.kind === "diff") {  // blue (synthesis too dark) - black - red (too bright)
-            const d = g - 127.5;
-            px[o] = d > 0 ? 2 * d : 0; px[o + 1] = 0; px[o + 2] = d < 0 ? -2 * d : 0;
-          } else {
-            px[o] = px[o + 1] = px[o + 2] = g;
-          }
-          px[o + 3] = 255;
-        }
-      }
-      ctx.putImageData(img, 0, 0);
-    });
+  setOverlay(panel, visible, opacity = panel.overlayOpacity) {
+    panel.overlayOpacity = opacity;
+    const nv = panel.nv;
+    nv.volumes[1].colorbarVisible = visible;
+    nv.opts.isColorbar = visible;
+    const toggle = panel.figure.querySelector("[data-overlay-toggle]");
+    if (toggle.checked !== visible) toggle.checked = visible;
+    nv.setOpacity(1, visible ? opacity : 0);
+  }
+
+  destroy() {
+    for (const p of this.panels) {
+      try { p.nv.gl?.getExtension("WEBGL_lose_context")?.loseContext(); } catch { /* already gone */ }
+    }
   }
 }
