@@ -198,6 +198,7 @@ def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str,
                   seed=req["seed"] if req["seed"] is not None else secrets.randbelow(2**31), samples=req["samples"],
                   source=req.get("source"))
         session.add(job)
+        session.flush()  # the job row before its deliveries (their foreign key)
         session.add_all(Delivery(job_id=job_id, node=node) for node in req.get("deliver_to", ()))
         session.commit()
     except IntegrityError:

@@ -1,0 +1,193 @@
+"""PACS (docs/pacs.md) against a real Orthanc on loopback, started by the tests with HTTP authentication on:
+a pull job (WADO-RS; C-GET for a DIMSE node) whose result goes back by STOW-RS (C-STORE), verified by QIDO-RS
+(C-FIND), idempotent on re-delivery; deliveries to a stopped Orthanc (pending with the error, delivered after the
+restart) and to an Orthanc that refuses instances (failed with its reason); the submission's PACS options refused
+with their codes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.service.conftest import DATA, create_key, running_service, wait_for_job
+from tests.service.orthanc import Orthanc, orthanc_missing
+from tests.service.test_api import assert_problem, auth
+from tests.service.test_api import create_key as create_key_in_process
+
+SAGITTAL = DATA / "dicom_dcm_qa_decubitus_HFS_t1_fl2d_sag"
+STUDY_UID = "1.3.12.2.1107.5.2.43.67060.30000022040717195958300000010"  # the sagittal series' study
+pytestmark = pytest.mark.skipif(bool(orthanc_missing()), reason=orthanc_missing() or "")
+requires_sagittal = pytest.mark.skipif(not SAGITTAL.is_dir(), reason=f"sample series {SAGITTAL} is absent")
+real_only = pytest.mark.parametrize("stack", ["real"], indirect=True)
+embedded_only = pytest.mark.parametrize("stack", ["embedded"], indirect=True)
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path):
+    o = Orthanc(tmp_path / "orthanc")
+    o.write_password()
+    yield o.start()
+    o.stop()
+
+
+def pacs_env(nodes: dict[str, dict], **extra: str) -> dict[str, str]:
+    return {"MSGLDM_DICOM__NODES": json.dumps(nodes), "MSGLDM_DICOM__DELIVERY_BACKOFF_SECONDS": "1",
+            "MSGLDM_DICOM__DELIVERY_BACKOFF_MAX_SECONDS": "2", "MSGLDM_DICOM__NETWORK_TIMEOUT_SECONDS": "10", **extra}
+
+
+def wait_for_delivery(client, job_id: str, node: str, until: tuple[str, ...], timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+        found = [d for d in job["deliveries"] if d["node"] == node]
+        if found and found[0]["status"] in until:
+            return found[0]
+        time.sleep(0.5)
+    raise AssertionError(f"delivery of {job_id} to {node} did not reach {until}: {job['deliveries']}")
+
+
+def synthetic_series(o: Orthanc) -> tuple[str, list[dict]]:
+    """The one series of the study whose instances say SyntheticData YES, with every instance's metadata."""
+    with o.client() as c:
+        series = c.get(f"/dicom-web/studies/{STUDY_UID}/series").json()
+        out = []
+        for s in series:
+            uid = s["0020000E"]["Value"][0]
+            meta = c.get(f"/dicom-web/studies/{STUDY_UID}/series/{uid}/metadata").json()
+            if all(m.get("0008001C", {}).get("Value") == ["YES"] for m in meta):
+                out.append((uid, meta))
+    assert len(out) == 1, f"{len(out)} synthetic series in the study ({len(series)} series)"
+    return out[0]
+
+
+@embedded_only
+def test_pacs_options_refused(app_client, stack, monkeypatch, study):
+    from tests.service.conftest import clear_caches
+
+    monkeypatch.setenv("MSGLDM_DICOM__NODES", json.dumps({"pacs": {"dicomweb_url": "http://127.0.0.1:9/dicom-web"}}))
+    clear_caches()
+    key = create_key_in_process(stack, "integrator")
+    files = [(m, (p.name, p.read_bytes(), "application/gzip")) for m, p in study.items()]
+
+    def post(with_files: bool = False, **fields: str):
+        return app_client.post("/api/v1/synthesize", headers=auth(key), data=fields,
+                               files=files if with_files else None)
+
+    assert_problem(post(True, deliver_to="pacs,nowhere", targets="flair"), 422, "unknown_node")
+    assert_problem(post(True, source_node="pacs", study_uid="1.2.3"), 422, "pull_with_files")
+    assert_problem(post(source_node="pacs"), 422, "invalid_pull")
+    assert_problem(post(source_node="elsewhere", study_uid="1.2.3"), 422, "unknown_node")
+    assert_problem(post(source_node="pacs", study_uid="1.2.x"), 422, "invalid_uid")
+    assert_problem(post(source_node="pacs", study_uid="1.2.3", series_uids="1.2,abc"), 422, "invalid_uid")
+    assert app_client.get("/api/v1/jobs", headers=auth(key)).json()["items"] == []  # nothing half-made
+    # accepted: a pull names no targets (every modality the study lacks) and deliver_to turns on the DICOM output
+    r = post(source_node="pacs", study_uid="1.2.3", deliver_to="pacs")
+    assert r.status_code == 202, r.text
+    job = app_client.get(f"/api/v1/jobs/{r.json()['id']}", headers=auth(key)).json()
+    assert job["inputs"] == [] and job["targets"] == [] and "dicom" in job["formats"]
+    assert job["source"] == {"node": "pacs", "study_uid": "1.2.3", "series_uids": []}
+    assert job["deliveries"] == [{"node": "pacs", "status": "pending", "attempts": 0, "error": None,
+                                  "instances": None, "verified_at": None}]
+    # the node's password never shows: settings print it masked
+    from api.core.settings import DicomNode
+
+    assert "hunter2" not in repr(DicomNode(dicomweb_url="http://x", username="u", password="hunter2"))
+
+
+@requires_sagittal
+@real_only
+def test_pull_dicomweb_deliver_back_verified_idempotent(stack, tmp_path, orthanc):
+    paths = sorted(SAGITTAL.glob("*.dcm"))
+    orthanc.storescu(paths)
+    assert orthanc.count_instances() == len(paths)
+    stack.env |= pacs_env({"orthanc": orthanc.node()})
+    with running_service(stack, tmp_path) as svc:
+        key = create_key(stack, "integrator")
+        admin = create_key(stack, "admin")
+        with svc.client(key) as client:
+            r = client.post("/api/v1/synthesize", data={"source_node": "orthanc", "study_uid": STUDY_UID,
+                                                        "targets": "flair", "deliver_to": "orthanc", "steps": "2"})
+            assert r.status_code == 202, r.text
+            job = wait_for_job(client, r.json()["id"])
+            assert job["status"] == "succeeded", (job, svc.log_text())
+            assert job["inputs"] == ["t1"] and job["source"]["fetched"]["instances"] == len(paths)
+            delivery = wait_for_delivery(client, job["id"], "orthanc", ("delivered", "failed"))
+            assert delivery["status"] == "delivered", (delivery, svc.log_text())
+            assert delivery["instances"] == len(paths) and delivery["attempts"] == 1 and delivery["verified_at"]
+            assert job["status"] == client.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+        # in the same study, marked synthetic, every instance present
+        uid, meta = synthetic_series(orthanc)
+        assert len(meta) == len(paths)
+        assert all(m["0020000D"]["Value"] == [STUDY_UID] for m in meta)
+        assert orthanc.count_instances() == 2 * len(paths)
+        # an admin re-delivers: the same SOP Instance UIDs, so Orthanc still holds one copy
+        with svc.client(admin) as client:
+            r = client.post(f"/api/v1/admin/jobs/{job['id']}/deliveries/orthanc")
+            assert r.status_code == 202, r.text
+            assert [d["status"] for d in r.json()["deliveries"]] == ["pending"]
+            delivery = wait_for_delivery(client, job["id"], "orthanc", ("delivered", "failed"))
+            assert delivery["status"] == "delivered", delivery
+            assert client.get(f"/api/v1/jobs/{job['id']}/results/record.json").status_code == 200
+        assert orthanc.count_instances() == 2 * len(paths)
+        assert synthetic_series(orthanc)[0] == uid
+
+
+@real_only
+def test_delivery_faults_orthanc_down_then_up_and_refusing(stack, tmp_path, study, orthanc):
+    # a second Orthanc that refuses every instance (a Lua filter), as a PACS with a full disk or a policy would
+    refusing = Orthanc(tmp_path / "refusing", aet="REFUSING", lua="function ReceivedInstanceFilter(dicom, origin, "
+                                                                   "info)\n  return false\nend\n")
+    refusing.write_password()
+    refusing.start()
+    orthanc.stop()  # the PACS is down when the job finishes
+    stack.env |= pacs_env({"orthanc": orthanc.node(), "refusing": refusing.node()})
+    try:
+        with running_service(stack, tmp_path) as svc:
+            key = create_key(stack, "integrator")
+            with svc.client(key) as client:
+                files = [(m, (p.name, p.read_bytes(), "application/gzip")) for m, p in study.items()]
+                r = client.post("/api/v1/synthesize", files=files,
+                                data={"targets": "flair", "deliver_to": "orthanc,refusing", "steps": "2"})
+                assert r.status_code == 202, r.text
+                job = wait_for_job(client, r.json()["id"])
+                assert job["status"] == "succeeded", (job, svc.log_text())
+                refused = wait_for_delivery(client, job["id"], "refusing", ("delivered", "failed"))
+                assert refused["status"] == "failed" and refused["attempts"] == 1, refused
+                assert "FailedSOPSequence" in refused["error"] or "HTTP" in refused["error"], refused
+                deadline = time.monotonic() + 60
+                while (down := wait_for_delivery(client, job["id"], "orthanc", ("pending",)))["attempts"] < 2:
+                    assert time.monotonic() < deadline, down
+                    time.sleep(0.5)
+                assert down["error"] and "Connect" in down["error"], down
+                orthanc.start()
+                up = wait_for_delivery(client, job["id"], "orthanc", ("delivered", "failed"))
+                assert up["status"] == "delivered" and up["attempts"] > down["attempts"] and up["error"] is None, up
+                assert client.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+        assert orthanc.count_instances() == up["instances"] == 12 and refusing.count_instances() == 0
+    finally:
+        refusing.stop()
+
+
+@requires_sagittal
+@real_only
+def test_dimse_pull_c_get_deliver_c_store_verified_c_find(stack, tmp_path, orthanc):
+    paths = sorted(SAGITTAL.glob("*.dcm"))
+    orthanc.storescu(paths)
+    stack.env |= pacs_env({"pacs": orthanc.node(dimse=True)})
+    with running_service(stack, tmp_path) as svc:
+        key = create_key(stack, "integrator")
+        with svc.client(key) as client:
+            r = client.post("/api/v1/synthesize", data={"source_node": "pacs", "study_uid": STUDY_UID,
+                                                        "deliver_to": "pacs", "targets": "t2", "steps": "2"})
+            assert r.status_code == 202, r.text
+            job = wait_for_job(client, r.json()["id"])
+            assert job["status"] == "succeeded", (job, svc.log_text())
+            assert job["source"]["fetched"]["instances"] == len(paths)
+            delivery = wait_for_delivery(client, job["id"], "pacs", ("delivered", "failed"))
+            assert delivery["status"] == "delivered" and delivery["instances"] == len(paths), (delivery,
+                                                                                               svc.log_text())
+    assert orthanc.count_instances() == 2 * len(paths)
+    assert len(synthetic_series(orthanc)[1]) == len(paths)
