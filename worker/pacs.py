@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 import uuid
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 # C-STORE statuses that are a success with a warning (PS3.4 B.2.3): coercion, elements discarded, already stored
 STORE_WARNINGS = {0x0107, 0x0116, 0xB000, 0xB006, 0xB007}
+VERIFY_CHECKS = 3  # QIDO-RS / C-FIND queries after sending, 1 s and 2 s apart
 
 
 class DeliveryError(Exception):
@@ -257,10 +259,18 @@ def _send_and_verify(node: DicomNode, paths: Sequence[Path]) -> int:
     (stow if node.dicomweb_url else c_store)(node, paths)
     find = qido_instances if node.dicomweb_url else c_find_instances
     for (study_uid, series_uid), sops in expected.items():
-        missing = sops - find(node, study_uid, series_uid)
-        if missing:
-            raise DeliveryError(f"sent, but {len(missing)} of {len(sops)} instance(s) of series {series_uid} are not "
-                                f"found on the node ({'QIDO-RS' if node.dicomweb_url else 'C-FIND'})")
+        for check in range(VERIFY_CHECKS):  # a node may index what it stored a moment later
+            missing = sops - find(node, study_uid, series_uid)
+            if not missing:
+                break
+            time.sleep(1.0 + check)
+        else:
+            # The node said stored, yet does not hold them (Orthanc 1.10 answers success for instances its
+            # ReceivedInstanceFilter drops): sending again would end the same way, so this attempt is the last.
+            sent_by, found_by = ("STOW-RS", "QIDO-RS") if node.dicomweb_url else ("C-STORE", "C-FIND")
+            raise DeliveryError(f"the node accepted the series {series_uid} ({sent_by} success) but {len(missing)} "
+                                f"of {len(sops)} instance(s) are not found by {found_by}: dropped by the node",
+                                permanent=True)
     return len(paths)
 
 
