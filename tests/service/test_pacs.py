@@ -6,13 +6,27 @@ with their codes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 
-from tests.service.conftest import DATA, create_key, running_service, wait_for_job
+from tests.service.conftest import (
+    DATA,
+    create_key,
+    free_port,
+    running_service,
+    start_process,
+    stop_process,
+    wait_for_job,
+)
 from tests.service.orthanc import Orthanc, orthanc_missing
 from tests.service.test_api import assert_problem, auth
 from tests.service.test_api import create_key as create_key_in_process
@@ -192,3 +206,87 @@ def test_dimse_pull_c_get_deliver_c_store_verified_c_find(stack, tmp_path, ortha
                                                                                                svc.log_text())
     assert orthanc.count_instances() == 2 * len(paths)
     assert len(synthetic_series(orthanc)[1]) == len(paths)
+
+
+def _wait_port(port: int, proc, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the listener exited"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+@requires_sagittal
+@real_only
+def test_listener_orthanc_pushes_a_study_it_becomes_one_job_delivered_back(stack, tmp_path, monkeypatch):
+    port = free_port()
+    o = Orthanc(tmp_path / "orthanc", modalities={"msgldm": ["MSGLDM", "127.0.0.1", port]})
+    o.write_password()
+    o.start()
+    paths = sorted(SAGITTAL.glob("*.dcm"))
+    spool = tmp_path / "spool"
+    try:
+        o.storescu(paths)
+        stack.env |= pacs_env({"orthanc": o.node()}, MSGLDM_DICOM__LISTENER_PORT=str(port),
+                              MSGLDM_DICOM__ALLOWED_CALLING_AE_TITLES='["ORTHANC"]',
+                              MSGLDM_DICOM__STABLE_SECONDS="4", MSGLDM_DICOM__AUTO_DELIVER_TO="orthanc",
+                              MSGLDM_DICOM__AUTO_TARGETS="flair", MSGLDM_DICOM__LISTENER_SPOOL=str(spool))
+        with running_service(stack, tmp_path) as svc:
+            key = create_key(stack, "integrator")
+            env = {**svc.env, **stack.env, "MSGLDM_DICOM__LISTENER_API_KEY": key}
+            listener = start_process("listener", [sys.executable, "-m", "worker.listener"], env, svc.logs)
+            try:
+                _wait_port(port, listener)
+                # C-ECHO is answered; an unknown calling AE title is refused at association
+                echo = subprocess.run(["echoscu", "-aet", "ORTHANC", "-aec", "MSGLDM", "127.0.0.1", str(port)],
+                                      capture_output=True, text=True, timeout=30)
+                assert echo.returncode == 0, echo.stderr
+                evil = subprocess.run(["storescu", "-aet", "EVIL", "-aec", "MSGLDM", "127.0.0.1", str(port),
+                                       str(paths[0])], capture_output=True, text=True, timeout=30)
+                assert evil.returncode != 0 and "Rejected" in evil.stderr + evil.stdout, evil
+                # the listener killed with -9 mid-association: nothing half-received becomes a job
+                from pynetdicom import AE
+
+                ae = AE(ae_title="ORTHANC")
+                ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", ["1.2.840.10008.1.2.1"])
+                assoc = ae.associate("127.0.0.1", port, ae_title="MSGLDM")
+                assert assoc.is_established
+                for p in paths[:5]:
+                    assert assoc.send_c_store(pydicom.dcmread(p)).Status == 0
+                stop_process(listener, signal.SIGKILL)
+                assoc.abort()
+                listener = start_process("listener", [sys.executable, "-m", "worker.listener"], env, svc.logs)
+                _wait_port(port, listener)
+                # Orthanc pushes the study (/modalities/{id}/store) in two associations: one study, one job
+                with o.client() as c:
+                    ids = c.get("/instances").json()
+                    assert len(ids) == len(paths)
+                    for half in (ids[: len(ids) // 2], ids[len(ids) // 2:]):
+                        r = c.post("/modalities/msgldm/store", json={"Resources": half, "Synchronous": True})
+                        assert r.status_code == 200, r.text
+                with svc.client(key) as client:
+                    deadline = time.monotonic() + 60
+                    while not (items := client.get("/api/v1/jobs").json()["items"]):
+                        assert time.monotonic() < deadline, svc.log_text()
+                        time.sleep(0.5)
+                    job = wait_for_job(client, items[0]["id"])
+                    assert job["status"] == "succeeded", (job, svc.log_text())
+                    assert job["inputs"] == ["t1"] and job["targets"] == ["flair"]
+                    delivery = wait_for_delivery(client, job["id"], "orthanc", ("delivered", "failed"))
+                    assert delivery["status"] == "delivered" and delivery["instances"] == len(paths), delivery
+                    assert len(client.get("/api/v1/jobs").json()["items"]) == 1
+                stack.apply(monkeypatch)
+                from api.core.db import session_scope
+                from api.core.models import Job
+
+                with session_scope() as session:
+                    assert session.get(Job, job["id"]).inputs["t1"]["images"] == len(paths)
+                assert not list((spool / "incoming").iterdir()) and not list((spool / "studies").iterdir())
+            finally:
+                stop_process(listener)
+        assert o.count_instances() == 2 * len(paths)
+        assert len(synthetic_series(o)[1]) == len(paths)
+    finally:
+        o.stop()
