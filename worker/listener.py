@@ -171,7 +171,7 @@ def allowed_calling_ae_titles() -> list[str]:
 
 def serve(stop: threading.Event) -> None:
     from pynetdicom import AE, AllStoragePresentationContexts, evt
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     cfg = get_settings().dicom
     if cfg.listener_port is None:
@@ -212,7 +212,7 @@ def serve(stop: threading.Event) -> None:
     def on_closed(event: Any) -> None:
         spool.discard(assoc_id(event))  # released ones were committed already; anything left was never released
 
-    handlers = [(evt.EVT_C_STORE, on_store), (evt.EVT_RELEASED, on_released), (evt.EVT_ABORTED, on_aborted),
+    handlers: list[Any] = [(evt.EVT_C_STORE, on_store), (evt.EVT_RELEASED, on_released), (evt.EVT_ABORTED, on_aborted),
                 (evt.EVT_CONN_CLOSE, on_closed)]
     server = ae.start_server((cfg.listener_host, cfg.listener_port), block=False, evt_handlers=handlers)
     log.info("listening as %s on %s:%d; calling AE titles allowed: %s; stable after %.0fs", cfg.listener_ae_title,
@@ -224,7 +224,8 @@ def serve(stop: threading.Event) -> None:
             except Exception:  # noqa: BLE001 - the loop must go on
                 log.exception("processing complete studies failed")
     finally:
-        server.shutdown()
+        if server is not None:
+            server.shutdown()
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from api.core.storage import get_storage
 from worker.app import app
 
 log = logging.getLogger(__name__)
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO/DEBUG dumps show identifiers (patient data)
 DICOM_JSON = "application/dicom+json"
 # C-STORE statuses that are a success with a warning (PS3.4 B.2.3): coercion, elements discarded, already stored
 STORE_WARNINGS = {0x0107, 0x0116, 0xB000, 0xB006, 0xB007}
@@ -114,7 +115,7 @@ def _multipart_parts(content_type: str, body: bytes) -> Iterator[bytes]:
 
 def wado_retrieve(node: DicomNode, study_uid: str, series_uids: Sequence[str], dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths: list[Path] = []
     accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
     with _client(node) as client:
         for url in ([f"/studies/{study_uid}/series/{s}" for s in series_uids] or [f"/studies/{study_uid}"]):
@@ -141,7 +142,7 @@ def _associate(node: DicomNode, contexts: Sequence[tuple[str, Sequence[str]]], *
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = cfg.network_timeout_seconds
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, list(syntaxes))
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, **kw)
+    assoc = ae.associate(node.host or "", node.port or 0, ae_title=node.ae_title or "", **kw)
     if not assoc.is_established:
         raise DeliveryError(f"no association with {node.ae_title}@{node.host}:{node.port} "
                             f"({'rejected' if assoc.is_rejected else 'aborted or unreachable'})")
@@ -173,7 +174,7 @@ def c_store(node: DicomNode, paths: Sequence[Path]) -> None:
 
 def c_find_instances(node: DicomNode, study_uid: str, series_uid: str) -> set[str]:
     from pydicom.dataset import Dataset
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND  # type: ignore[attr-defined]
 
     query = Dataset()
     query.QueryRetrieveLevel = "IMAGE"
@@ -195,7 +196,7 @@ def c_get(node: DicomNode, study_uid: str, series_uids: Sequence[str], dest: Pat
     """C-GET the study (or the named series): the node sends the instances back on the same association."""
     from pydicom.dataset import Dataset
     from pynetdicom import StoragePresentationContexts, build_role, evt
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET  # type: ignore[attr-defined]
 
     dest.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -207,7 +208,7 @@ def c_get(node: DicomNode, study_uid: str, series_uids: Sequence[str], dest: Pat
         paths.append(path)
         return 0x0000
 
-    storage = [c.abstract_syntax for c in StoragePresentationContexts[:120]]  # 128 contexts at most, one for GET
+    storage = [str(c.abstract_syntax) for c in StoragePresentationContexts[:120]]  # 128 contexts at most, one for GET
     contexts = [(GET, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])] + [
         (s, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]) for s in storage]
     roles = [build_role(s, scp_role=True) for s in storage]

@@ -28,6 +28,7 @@ from tests.service.conftest import (
     wait_for_job,
 )
 from tests.service.orthanc import Orthanc, orthanc_missing
+from tests.service.test_canary import CANARY_ID, CANARY_NAME, _assert_clean, _database_dump, _redis_dump
 from tests.service.test_api import assert_problem, auth
 from tests.service.test_api import create_key as create_key_in_process
 
@@ -61,6 +62,31 @@ def wait_for_delivery(client, job_id: str, node: str, until: tuple[str, ...], ti
             return found[0]
         time.sleep(0.5)
     raise AssertionError(f"delivery of {job_id} to {node} did not reach {until}: {job['deliveries']}")
+
+
+def canary_series(folder: Path) -> list[Path]:
+    """The shared sagittal series with the canary patient name and ID (tests/service/test_canary.py)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in sorted(SAGITTAL.glob("*.dcm")):
+        ds = pydicom.dcmread(p)
+        ds.PatientName, ds.PatientID = CANARY_NAME, CANARY_ID
+        ds.save_as(folder / p.name)
+        out.append(folder / p.name)
+    return out
+
+
+def assert_no_canary(svc, client, job_id: str, monkeypatch) -> None:
+    """The canary goes to no log line, API response, metric, Redis key or message, or database column."""
+    time.sleep(1)  # the last log lines
+    _assert_clean("API responses", "\n".join(client.get(u).text for u in (
+        f"/api/v1/jobs/{job_id}", "/api/v1/jobs", "/metrics")))
+    _assert_clean("Redis", _redis_dump(svc.stack.env["MSGLDM_BROKER__URL"]))
+    logs = "\n".join(p.read_text(errors="replace") for p in svc.logs.glob("*.log"))
+    assert job_id in logs
+    _assert_clean("logs", logs)
+    svc.stack.apply(monkeypatch)
+    _assert_clean("database", _database_dump())
 
 
 def synthetic_series(o: Orthanc) -> tuple[str, list[dict]]:
@@ -113,8 +139,8 @@ def test_pacs_options_refused(app_client, stack, monkeypatch, study):
 
 @requires_sagittal
 @real_only
-def test_pull_dicomweb_deliver_back_verified_idempotent(stack, tmp_path, orthanc):
-    paths = sorted(SAGITTAL.glob("*.dcm"))
+def test_pull_dicomweb_deliver_back_verified_idempotent(stack, tmp_path, orthanc, monkeypatch):
+    paths = canary_series(tmp_path / "study")
     orthanc.storescu(paths)
     assert orthanc.count_instances() == len(paths)
     stack.env |= pacs_env({"orthanc": orthanc.node()})
@@ -144,9 +170,11 @@ def test_pull_dicomweb_deliver_back_verified_idempotent(stack, tmp_path, orthanc
             assert [d["status"] for d in r.json()["deliveries"]] == ["pending"]
             delivery = wait_for_delivery(client, job["id"], "orthanc", ("delivered", "failed"))
             assert delivery["status"] == "delivered", delivery
-            assert client.get(f"/api/v1/jobs/{job['id']}/results/record.json").status_code == 200
+            assert_no_canary(svc, client, job["id"], monkeypatch)
         assert orthanc.count_instances() == 2 * len(paths)
         assert synthetic_series(orthanc)[0] == uid
+        # the synthesized series is in the patient's study, so the canary is there: the search above can find it
+        assert all(m["00100010"]["Value"] == [{"Alphabetic": CANARY_NAME}] for m in meta)
 
 
 @real_only
@@ -188,8 +216,8 @@ def test_delivery_faults_orthanc_down_then_up_and_refusing(stack, tmp_path, stud
 
 @requires_sagittal
 @real_only
-def test_dimse_pull_c_get_deliver_c_store_verified_c_find(stack, tmp_path, orthanc):
-    paths = sorted(SAGITTAL.glob("*.dcm"))
+def test_dimse_pull_c_get_deliver_c_store_verified_c_find(stack, tmp_path, orthanc, monkeypatch):
+    paths = canary_series(tmp_path / "study")
     orthanc.storescu(paths)
     stack.env |= pacs_env({"pacs": orthanc.node(dimse=True)})
     with running_service(stack, tmp_path) as svc:
@@ -204,6 +232,7 @@ def test_dimse_pull_c_get_deliver_c_store_verified_c_find(stack, tmp_path, ortha
             delivery = wait_for_delivery(client, job["id"], "pacs", ("delivered", "failed"))
             assert delivery["status"] == "delivered" and delivery["instances"] == len(paths), (delivery,
                                                                                                svc.log_text())
+            assert_no_canary(svc, client, job["id"], monkeypatch)
     assert orthanc.count_instances() == 2 * len(paths)
     assert len(synthetic_series(orthanc)[1]) == len(paths)
 
@@ -225,7 +254,7 @@ def test_listener_orthanc_pushes_a_study_it_becomes_one_job_delivered_back(stack
     o = Orthanc(tmp_path / "orthanc", modalities={"msgldm": ["MSGLDM", "127.0.0.1", port]})
     o.write_password()
     o.start()
-    paths = sorted(SAGITTAL.glob("*.dcm"))
+    paths = canary_series(tmp_path / "study")
     spool = tmp_path / "spool"
     try:
         o.storescu(paths)
@@ -277,7 +306,7 @@ def test_listener_orthanc_pushes_a_study_it_becomes_one_job_delivered_back(stack
                     delivery = wait_for_delivery(client, job["id"], "orthanc", ("delivered", "failed"))
                     assert delivery["status"] == "delivered" and delivery["instances"] == len(paths), delivery
                     assert len(client.get("/api/v1/jobs").json()["items"]) == 1
-                stack.apply(monkeypatch)
+                    assert_no_canary(svc, client, job["id"], monkeypatch)  # the listener's log too
                 from api.core.db import session_scope
                 from api.core.models import Job
 
