@@ -28,9 +28,9 @@ from tests.service.conftest import (
     wait_for_job,
 )
 from tests.service.orthanc import Orthanc, orthanc_missing
-from tests.service.test_canary import CANARY_ID, CANARY_NAME, _assert_clean, _database_dump, _redis_dump
 from tests.service.test_api import assert_problem, auth
 from tests.service.test_api import create_key as create_key_in_process
+from tests.service.test_canary import CANARY_ID, CANARY_NAME, _assert_clean, _database_dump, _redis_dump
 
 SAGITTAL = DATA / "dicom_dcm_qa_decubitus_HFS_t1_fl2d_sag"
 STUDY_UID = "1.3.12.2.1107.5.2.43.67060.30000022040717195958300000010"  # the sagittal series' study
