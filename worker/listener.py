@@ -170,7 +170,7 @@ def allowed_calling_ae_titles() -> list[str]:
 
 
 def serve(stop: threading.Event) -> None:
-    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     cfg = get_settings().dicom
@@ -186,7 +186,8 @@ def serve(stop: threading.Event) -> None:
     ae.require_calling_aet = allowed or ["\0never\0"]
     ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = cfg.network_timeout_seconds
     ae.maximum_associations = 16
-    ae.supported_contexts = AllStoragePresentationContexts
+    for cx in AllStoragePresentationContexts:  # every syntax pydicom reads (compressed ones via pylibjpeg)
+        ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
 
     def assoc_id(event: Any) -> str:
