@@ -279,6 +279,7 @@ def test_listener_orthanc_pushes_a_study_it_becomes_one_job_delivered_back(stack
                 from pynetdicom import AE
 
                 ae = AE(ae_title="ORTHANC")
+                ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
                 ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", ["1.2.840.10008.1.2.1"])
                 assoc = ae.associate("127.0.0.1", port, ae_title="MSGLDM")
                 assert assoc.is_established

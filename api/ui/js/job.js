@@ -188,12 +188,13 @@ export function jobView(root, jobId) {
     }
     drawHead(job);
     drawDownloads(job);
+    const delivering = (job.deliveries || []).some((d) => d.status === "pending");  // kept live until they end
     if (job.status === "succeeded" && !loaded) {
       loaded = true;
-      poller.stop();
+      if (!delivering) poller.stop();
       await drawRecord(job).catch((e) => put(report, h("p", { class: "error" }, `report: ${e.message}`)));
       await loadViewer(job).catch((e) => put(viewerBox, h("p", { class: "error" }, `viewer: ${e.message}`)));
-    } else if (["failed", "cancelled"].includes(job.status)) {
+    } else if (["failed", "cancelled"].includes(job.status) || (loaded && !delivering)) {
       poller.stop();
     }
   }, 2000);
