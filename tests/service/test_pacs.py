@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 
 from tests.service.conftest import (
     DATA,
+    ROOT,
     create_key,
     free_port,
     running_service,
@@ -320,3 +322,31 @@ def test_listener_orthanc_pushes_a_study_it_becomes_one_job_delivered_back(stack
         assert len(synthetic_series(o)[1]) == len(paths)
     finally:
         o.stop()
+
+
+@requires_sagittal
+@real_only
+def test_orthanc_lua_on_stable_study_asks_for_a_pull_with_deliver_to(stack, tmp_path):
+    """The Lua script of docs/pacs.md, run by Orthanc: a stable study becomes a pull job delivering back to it."""
+    doc = (ROOT / "docs" / "pacs.md").read_text()
+    lua = re.search(r"```lua\n(.*?)```", doc, re.S).group(1)
+    stack.env |= pacs_env({"orthanc": {"dicomweb_url": "http://127.0.0.1:9/dicom-web"}})
+    with running_service(stack, tmp_path) as svc:
+        key = create_key(stack, "integrator")
+        script = re.sub(r"local MSGLDM = '[^']*'", f"local MSGLDM = '{svc.base}/api/v1/synthesize'", lua)
+        script = re.sub(r"local KEY = '[^']*'", f"local KEY = '{key}'", script)
+        o = Orthanc(tmp_path / "orthanc", lua=script)
+        o.write_password()
+        o.start()
+        try:
+            o.storescu(sorted(SAGITTAL.glob("*.dcm"))[:3])  # a stable study (Orthanc's StableAge: 1 s)
+            with svc.client(key) as client:
+                deadline = time.monotonic() + 60
+                while not (items := client.get("/api/v1/jobs").json()["items"]):
+                    assert time.monotonic() < deadline, (o.root / "orthanc.log").read_text()[-2000:]
+                    time.sleep(0.5)
+                job = client.get(f"/api/v1/jobs/{items[0]['id']}").json()
+        finally:
+            o.stop()
+    assert job["source"]["node"] == "orthanc" and job["source"]["study_uid"] == STUDY_UID, job
+    assert [d["node"] for d in job["deliveries"]] == ["orthanc"] and "dicom" in job["formats"]
