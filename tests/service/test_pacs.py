@@ -28,6 +28,7 @@ from tests.service.conftest import (
     start_process,
     stop_process,
     wait_for_job,
+    worker_args,
 )
 from tests.service.orthanc import Orthanc, orthanc_missing
 from tests.service.test_api import assert_problem, auth
@@ -209,6 +210,9 @@ def test_delivery_faults_orthanc_down_then_up_and_refusing(stack, tmp_path, stud
                     assert time.monotonic() < deadline, down
                     time.sleep(0.5)
                 assert down["error"] and "Connect" in down["error"], down
+                # the worker killed with -9 while the delivery waits: a new worker carries on from the database
+                stop_process(svc.procs["worker"], signal.SIGKILL)
+                svc.procs["worker"] = start_process("worker-2", worker_args(), svc.env, svc.logs)
                 orthanc.start()
                 up = wait_for_delivery(client, job["id"], "orthanc", ("delivered", "failed"))
                 assert up["status"] == "delivered" and up["attempts"] > down["attempts"] and up["error"] is None, up
