@@ -87,8 +87,9 @@ def claim(session: Session, delivery_id: str, *, lease_seconds: int) -> Attempt 
         update(Delivery)
         .where(Delivery.id == delivery_id, Delivery.status == DeliveryStatus.pending, job_ok,
                or_(Delivery.lease_expires_at.is_(None), Delivery.lease_expires_at < now))
+        # an attempt that dies with its worker is published again by the reaper when its lease ends
         .values(attempts=Delivery.attempts + 1, lease_expires_at=now + timedelta(seconds=lease_seconds),
-                updated_at=now)
+                next_attempt_at=now + timedelta(seconds=lease_seconds), updated_at=now)
         .execution_options(synchronize_session=False))
     session.commit()
     if result.rowcount != 1:  # type: ignore[attr-defined]

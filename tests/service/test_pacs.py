@@ -54,7 +54,8 @@ def orthanc(tmp_path: Path):
 
 def pacs_env(nodes: dict[str, dict], **extra: str) -> dict[str, str]:
     return {"MSGLDM_DICOM__NODES": json.dumps(nodes), "MSGLDM_DICOM__DELIVERY_BACKOFF_SECONDS": "1",
-            "MSGLDM_DICOM__DELIVERY_BACKOFF_MAX_SECONDS": "2", "MSGLDM_DICOM__NETWORK_TIMEOUT_SECONDS": "10", **extra}
+            "MSGLDM_DICOM__DELIVERY_BACKOFF_MAX_SECONDS": "2", "MSGLDM_DICOM__NETWORK_TIMEOUT_SECONDS": "10",
+            "MSGLDM_DICOM__DELIVERY_LEASE_SECONDS": "10", **extra}
 
 
 def wait_for_delivery(client, job_id: str, node: str, until: tuple[str, ...], timeout: float = 120) -> dict:
@@ -205,12 +206,14 @@ def test_delivery_faults_orthanc_down_then_up_and_refusing(stack, tmp_path, stud
                 assert refused["status"] == "failed" and refused["attempts"] == 1, refused
                 # Orthanc 1.10 answers STOW-RS 200 for instances its filter drops: the QIDO-RS check catches it
                 assert "not found by QIDO-RS" in refused["error"], refused
+                assert 'msgldm_deliveries{node="refusing",status="failed"} 1.0' in client.get("/metrics").text
                 deadline = time.monotonic() + 60
                 while (down := wait_for_delivery(client, job["id"], "orthanc", ("pending",)))["attempts"] < 2:
                     assert time.monotonic() < deadline, down
                     time.sleep(0.5)
                 assert down["error"] and "Connect" in down["error"], down
-                # the worker killed with -9 while the delivery waits: a new worker carries on from the database
+                # the worker killed with -9 (waiting between attempts, or mid-attempt: then the attempt's lease
+                # ends first): a new worker carries on from the database
                 stop_process(svc.procs["worker"], signal.SIGKILL)
                 svc.procs["worker"] = start_process("worker-2", worker_args(), svc.env, svc.logs)
                 orthanc.start()
