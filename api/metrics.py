@@ -29,8 +29,8 @@ def refresh_job_gauges(session: Session) -> None:
     rows = session.execute(select(Delivery.node, Delivery.status, func.count()).group_by(Delivery.node,
                                                                                          Delivery.status)).all()
     by_node: dict[str, dict[str, int]] = {}
-    for node, status, count in rows:
-        by_node.setdefault(node, {})[status] = count
+    for node, state, count in rows:
+        by_node.setdefault(node, {})[state] = count
     for node, counts_of in by_node.items():  # node names come from the settings (a bounded label set)
         for st in DeliveryStatus:
             DELIVERIES.labels(node, st.value).set(counts_of.get(st.value, 0))

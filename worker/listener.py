@@ -62,7 +62,17 @@ class Spool:
         return studies
 
     def discard(self, assoc_id: str) -> None:
-        shutil.rmtree(self.incoming / assoc_id, ignore_errors=True)
+        with self._lock:  # never while a commit moves this association's files
+            shutil.rmtree(self.incoming / assoc_id, ignore_errors=True)
+
+    def discard_stale(self, older_than: float) -> None:
+        """Associations whose connection dropped without a release or an abort (the files of a live association
+        are younger: every C-STORE writes one)."""
+        with self._lock:
+            for folder in self.incoming.iterdir():
+                newest = max((f.stat().st_mtime for f in folder.rglob("*")), default=folder.stat().st_mtime)
+                if time.time() - newest > older_than:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     def take_stable(self, stable_seconds: float) -> list[Path]:
         """Complete studies, each moved out of studies/ (so new instances start a new study folder)."""
@@ -210,17 +220,16 @@ def serve(stop: threading.Event) -> None:
         spool.discard(assoc_id(event))
         log.warning("association from %s aborted: its instances are discarded", event.assoc.requestor.ae_title)
 
-    def on_closed(event: Any) -> None:
-        spool.discard(assoc_id(event))  # released ones were committed already; anything left was never released
-
-    handlers: list[Any] = [(evt.EVT_C_STORE, on_store), (evt.EVT_RELEASED, on_released), (evt.EVT_ABORTED, on_aborted),
-                (evt.EVT_CONN_CLOSE, on_closed)]
+    # No EVT_CONN_CLOSE handler: it can fire from another thread while the release handler is still committing;
+    # a connection lost without release or abort is discarded by discard_stale below.
+    handlers: list[Any] = [(evt.EVT_C_STORE, on_store), (evt.EVT_RELEASED, on_released), (evt.EVT_ABORTED, on_aborted)]
     server = ae.start_server((cfg.listener_host, cfg.listener_port), block=False, evt_handlers=handlers)
     log.info("listening as %s on %s:%d; calling AE titles allowed: %s; stable after %.0fs", cfg.listener_ae_title,
              cfg.listener_host, cfg.listener_port, ", ".join(allowed) or "none", cfg.stable_seconds)
     try:
         while not stop.wait(min(1.0, max(0.1, cfg.stable_seconds / 4))):
             try:
+                spool.discard_stale(max(600.0, 4 * cfg.network_timeout_seconds))
                 process_stable(spool)
             except Exception:  # noqa: BLE001 - the loop must go on
                 log.exception("processing complete studies failed")
