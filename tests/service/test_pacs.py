@@ -299,7 +299,7 @@ def test_listener_orthanc_pushes_a_study_it_becomes_one_job_delivered_back(stack
                     assert assoc.send_c_store(pydicom.dcmread(p)).Status == 0
                 stop_process(listener, signal.SIGKILL)
                 assoc.abort()
-                listener = start_process("listener", [sys.executable, "-m", "worker.listener"], env, svc.logs)
+                listener = start_process("listener-2", [sys.executable, "-m", "worker.listener"], env, svc.logs)
                 _wait_port(port, listener)
                 # Orthanc pushes the study (/modalities/{id}/store) in two associations: one study, one job
                 with o.client() as c:
