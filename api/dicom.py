@@ -73,6 +73,19 @@ class DicomUpload:
             for f in s.files:
                 f.file.close()
 
+    def store(self, storage: Any, job_id: str) -> dict[str, Any]:
+        """Put each series' files under ``jobs/{id}/inputs/{modality}/``; the job row's inputs, by modality."""
+        inputs = {}
+        for m, series in self.series.items():
+            keys = []
+            for i, df in enumerate(series.files):
+                obj_key = f"jobs/{job_id}/inputs/{m}/{i:05d}.dcm"
+                df.file.seek(0)
+                storage.put_stream(obj_key, df.file, df.bytes)
+                keys.append(obj_key)
+            inputs[m] = {**series.record(), "keys": keys}
+        return inputs
+
 
 def _describe(ds: Dataset) -> dict[str, Any]:
     return {"series_instance_uid": str(ds.get("SeriesInstanceUID", "")),

@@ -15,7 +15,7 @@ from api import errors
 from api.body_limit import BodySizeLimit
 from api.core.settings import get_settings
 from api.metrics import MetricsMiddleware
-from api.routes import admin, audit, health, jobs, models, synthesize
+from api.routes import admin, audit, deliveries, health, jobs, models, synthesize
 from api.schemas import Problem
 
 UI_DIR = Path(__file__).parent / "ui"  # the web UI: static files, no build step (docs/ui.md)
@@ -48,6 +48,7 @@ def create_app() -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(models.router)
     app.include_router(admin.router)
+    app.include_router(deliveries.router)
     app.include_router(health.router)
     app.include_router(audit.router)
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.core.models import Job, JobStatus
+from api.core.models import Delivery, DeliveryStatus, Job, JobStatus
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("msgldm_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=REGISTRY)
@@ -17,6 +17,8 @@ LATENCY = Histogram("msgldm_http_request_seconds", "HTTP request latency", ["met
                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 JOBS = Gauge("msgldm_jobs", "jobs by status", ["status"], registry=REGISTRY)
 QUEUE_DEPTH = Gauge("msgldm_queue_depth", "queued jobs", registry=REGISTRY)
+DELIVERIES = Gauge("msgldm_deliveries", "deliveries to DICOM nodes by node and status (docs/pacs.md)",
+                   ["node", "status"], registry=REGISTRY)
 
 
 def refresh_job_gauges(session: Session) -> None:
@@ -24,6 +26,14 @@ def refresh_job_gauges(session: Session) -> None:
     for status in JobStatus:
         JOBS.labels(status.value).set(counts.get(status.value, 0))
     QUEUE_DEPTH.set(counts.get(JobStatus.queued.value, 0))
+    rows = session.execute(select(Delivery.node, Delivery.status, func.count()).group_by(Delivery.node,
+                                                                                         Delivery.status)).all()
+    by_node: dict[str, dict[str, int]] = {}
+    for node, state, count in rows:
+        by_node.setdefault(node, {})[state] = count
+    for node, counts_of in by_node.items():  # node names come from the settings (a bounded label set)
+        for st in DeliveryStatus:
+            DELIVERIES.labels(node, st.value).set(counts_of.get(st.value, 0))
 
 
 class MetricsMiddleware:

@@ -30,6 +30,9 @@ JOB_EXAMPLE: dict[str, Any] = {
         "flair.dicom.zip": "/api/v1/jobs/3b0c1a52-8f4e-4c55-9a51-2f1d7c9e4b10/results/flair.dicom.zip",
         "record.json": "/api/v1/jobs/3b0c1a52-8f4e-4c55-9a51-2f1d7c9e4b10/results/record.json",
     },
+    "source": None,
+    "deliveries": [{"node": "orthanc", "status": "delivered", "attempts": 1, "error": None, "instances": 35,
+                    "verified_at": "2026-11-22T09:14:33.210Z"}],
 }
 
 
@@ -43,6 +46,19 @@ class JobAccepted(BaseModel):
 
     id: str
     status: str
+
+
+class DeliveryPublic(BaseModel):
+    """The job's DICOM result sent to one node (``deliver_to``, docs/pacs.md)."""
+
+    node: str
+    status: str = Field(description="pending (waiting for the job or the next attempt), delivered (sent and "
+                                     "verified: the node lists every SOP instance) or failed")
+    attempts: int
+    error: str | None = Field(description="the last attempt's failure, with the node's reason (STOW-RS "
+                                          "FailedSOPSequence, C-STORE status)")
+    instances: int | None = Field(description="SOP instances sent and found on the node")
+    verified_at: datetime | None
 
 
 class JobPublic(BaseModel):
@@ -68,6 +84,9 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
     error: JobError | None
     results: dict[str, str] = Field(description="result name -> URL to download it")
+    source: dict[str, Any] | None = Field(None, description="a pull job: the node, study_uid, series_uids asked "
+                                          "for and, once retrieved, what was fetched")
+    deliveries: list[DeliveryPublic] = Field(default_factory=list, description="deliver_to: one entry per node")
 
 
 class JobList(BaseModel):

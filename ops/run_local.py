@@ -111,6 +111,10 @@ def main() -> int:
     trainer_cmd = [py, "-m", "celery", "-A", "worker.app", "worker", "-Q", get_settings().broker.training_queue,
                    "-c", "1", "--loglevel", "INFO", "-n", "local-trainer@%h"]
     commands = {"worker": worker_cmd, "trainer": trainer_cmd}  # supervised: restarted whenever they die
+    if get_settings().dicom.listener_port is not None:  # the C-STORE listener (docs/pacs.md), owning jobs by a key
+        if get_settings().dicom.listener_api_key is None:
+            env["MSGLDM_DICOM__LISTENER_API_KEY_FILE"] = str(VAR / "api-key")  # the bootstrap key
+        commands["listener"] = [py, "-m", "worker.listener"]
     procs = {"api": start("api", api_cmd, env)} | {name: start(name, cmd, env) for name, cmd in commands.items()}
     wait_ready(port, procs["api"])
     print(curl_example(port), flush=True)

@@ -17,7 +17,7 @@ from api.core.settings import get_settings
 from worker import runtime
 
 app = get_celery()
-app.conf.include = ["worker.tasks", "worker.training"]
+app.conf.include = ["worker.tasks", "worker.training", "worker.pacs"]
 log = logging.getLogger(__name__)
 
 

@@ -162,6 +162,11 @@ def reap() -> None:
         publish_training(run_id)
     if requeued or failed or stale:
         log.warning("reaper: training runs re-queued %s, failed %s, re-published %s", requeued, failed, stale)
+    if serves_inference():
+        from worker.pacs import publish_due
+
+        if due := publish_due():  # deliveries whose next attempt is due (or whose message was lost)
+            log.info("reaper: published deliveries %s", due)
 
 
 def _loop() -> None:

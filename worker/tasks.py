@@ -20,7 +20,7 @@ from api.core.queue import SYNTHESIZE_TASK, publish_synthesis
 from api.core.settings import get_settings
 from api.core.storage import StorageError, get_storage
 from model import errors as model_errors
-from worker import files, runtime
+from worker import files, pacs, runtime
 from worker.app import app
 from worker.report import write_report
 
@@ -120,6 +120,8 @@ def run_job(job_id: str) -> str:
             synth = runtime.get_synthesizer()
             lease.update(model_version=synth.version, phase="reading")
             t0 = time.perf_counter()
+            if job.source and not job.inputs:  # a pull job's first attempt: retrieve the study (worker/pacs.py)
+                job = pacs.fetch_study(job, claim.token, synth.modalities, workdir)
             study = files.read_inputs(job, workdir)
             timings["read"] = time.perf_counter() - t0
 
@@ -149,6 +151,7 @@ def run_job(job_id: str) -> str:
             for attempt in range(1, claim.attempt):  # partial results of attempts that died mid-write
                 get_storage().delete_prefix(f"jobs/{job_id}/attempt-{attempt}/")
             log.info("job %s succeeded in %.1fs (attempt %d)", job_id, time.perf_counter() - started, claim.attempt)
+            pacs.start_deliveries(job_id)  # deliver_to: sent apart from the job (its status stays succeeded)
             return "succeeded"
         get_storage().delete_prefix(f"jobs/{job_id}/attempt-{claim.attempt}/")
         log.warning("job %s: claim of attempt %d went stale; results discarded", job_id, claim.attempt)

@@ -119,12 +119,41 @@ class Job(Leased, Base):
     phase: Mapped[str] = mapped_column(String(32), default="queued")
 
     inputs: Mapped[dict[str, Any]] = mapped_column(JSON)  # modality -> {key, sha256, bytes}
+    # a pull job (docs/pacs.md): {"node", "study_uid", "series_uids", "fetched"}; inputs are filled by the worker
+    source: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     targets: Mapped[list[str]] = mapped_column(JSON)
     formats: Mapped[list[str]] = mapped_column(JSON)
     steps: Mapped[int | None] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(Integer)
     samples: Mapped[int] = mapped_column(Integer, default=1)
     results: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)  # result name -> object key
+
+
+class DeliveryStatus(enum.StrEnum):
+    pending = "pending"  # waiting for the job, for its next attempt, or being sent
+    delivered = "delivered"  # sent and verified: the node lists every SOP instance
+    failed = "failed"  # the node refused it, or every attempt failed
+
+
+class Delivery(Base):
+    """A job's DICOM result to be sent to one configured node (``deliver_to``); retried apart from the job."""
+
+    __tablename__ = "delivery"
+    __table_args__ = (UniqueConstraint("job_id", "node", name="uq_delivery_job_node"),
+                      Index("ix_delivery_status_next_attempt_at", "status", "next_attempt_at"))
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    node: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.pending)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    instances: Mapped[int | None] = mapped_column(Integer)  # SOP instances sent (and found) on the last attempt
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # None: not before the job succeeds
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # an attempt in progress
+    verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
 class WorkerHeartbeat(Base):

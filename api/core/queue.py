@@ -17,6 +17,7 @@ from api.core.settings import Settings, get_settings
 
 SYNTHESIZE_TASK = "msgldm.synthesize"
 TRAIN_TASK = "msgldm.train"
+DELIVER_TASK = "msgldm.deliver"  # a result to a DICOM node (docs/pacs.md); inference queue
 
 
 class BrokerUnavailable(ConnectionError):
@@ -76,3 +77,8 @@ def publish_synthesis(job_id: str) -> None:
 def publish_training(run_id: str) -> None:
     """Publish a training run (committed row) to the training queue: inference workers never see it."""
     _publish(TRAIN_TASK, run_id)
+
+
+def publish_delivery(delivery_id: str) -> None:
+    """Publish one delivery attempt (api.core.deliveries); on the inference queue, whose workers hold the results."""
+    _publish(DELIVER_TASK, delivery_id)

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,6 +108,40 @@ DEFAULT_SERIES_RULES: list[tuple[str, str]] = [
 ]
 
 
+class DicomNode(BaseModel):
+    """A PACS by name: its DICOMweb part (STOW-RS, QIDO-RS, WADO-RS), its DIMSE part (C-STORE, C-FIND, C-GET), or
+    both (DICOMweb is used then). Secrets may come from files (``username_file``, ``password_file``); they are
+    SecretStr, so a logged or printed node shows ``**********``."""
+
+    dicomweb_url: str | None = None  # e.g. http://orthanc:8042/dicom-web
+    username: SecretStr | None = None
+    password: SecretStr | None = None
+    username_file: Path | None = None
+    password_file: Path | None = None
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> DicomNode:
+        if self.username_file is not None:
+            self.username = SecretStr(self.username_file.read_text().strip())
+        if self.password_file is not None:
+            self.password = SecretStr(self.password_file.read_text().strip())
+        dimse = (self.ae_title, self.host, self.port)
+        if any(v is not None for v in dimse) and not all(v is not None for v in dimse):
+            raise ValueError("a DIMSE node needs ae_title, host and port")
+        if self.dicomweb_url is None and self.ae_title is None:
+            raise ValueError("a node needs dicomweb_url or ae_title/host/port")
+        return self
+
+    @property
+    def auth(self) -> tuple[str, str] | None:
+        if self.username is None:
+            return None
+        return self.username.get_secret_value(), self.password.get_secret_value() if self.password else ""
+
+
 class DicomSettings(BaseModel):
     """DICOM uploads: series rules and the zip-bomb limits (checked before anything is decompressed)."""
 
@@ -115,6 +149,31 @@ class DicomSettings(BaseModel):
     max_files: int = 4000  # DICOM files per request (zip entries included)
     max_uncompressed_bytes: int = 2 * 1024 * 1024 * 1024  # total of all zip entries, as declared and as read
     max_compression_ratio: float = 100.0  # per zip entry (a DICOM slice compresses 2-5x; bombs 1000x+)
+    # PACS connections (docs/pacs.md): nodes by name (MSGLDM_DICOM__NODES, JSON), our AE title as SCU, deliveries
+    nodes: dict[str, DicomNode] = Field(default_factory=dict)
+    ae_title: str = "MSGLDM"  # calling AE title of C-STORE / C-FIND / C-GET
+    network_timeout_seconds: float = 30.0
+    delivery_max_attempts: int = 8
+    delivery_backoff_seconds: float = 15.0  # first retry after this, doubling per attempt up to the cap
+    delivery_backoff_max_seconds: float = 900.0
+    delivery_lease_seconds: int = 300  # a delivery attempt in progress; the reaper re-publishes after it
+    # C-STORE listener (python -m worker.listener; `make run` starts it when listener_port is set)
+    listener_port: int | None = None
+    listener_host: str = "127.0.0.1"
+    listener_ae_title: str = "MSGLDM"
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)  # empty: the ae_title of each node
+    stable_seconds: float = 30.0  # a study is complete when no instance arrived for this long
+    auto_targets: str = "missing"  # "missing" (every modality the study lacks) or comma-separated modalities
+    auto_deliver_to: str = ""  # comma-separated node names
+    listener_api_key: SecretStr | None = None  # the key owning the listener's jobs (or listener_api_key_file)
+    listener_api_key_file: Path | None = None
+    listener_spool: Path = VAR / "listener"
+
+    @model_validator(mode="after")
+    def _key_from_file(self) -> DicomSettings:
+        if self.listener_api_key_file is not None:
+            self.listener_api_key = SecretStr(self.listener_api_key_file.read_text().strip())
+        return self
 
 
 class Settings(BaseSettings):

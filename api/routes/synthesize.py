@@ -16,10 +16,10 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import admission
+from api import admission, pacs
 from api.auth import require
 from api.core import audit, registry
-from api.core.models import ApiKey, Job, Role, new_id
+from api.core.models import ApiKey, Delivery, Job, Role, new_id
 from api.core.queue import publish_synthesis
 from api.core.serving import ModelUnavailable, serving_modalities
 from api.core.settings import get_settings
@@ -27,13 +27,14 @@ from api.core.storage import Storage
 from api.deps import SessionDep, StorageDep
 from api.dicom import DicomUpload, inspect_dicom_upload_limited
 from api.errors import ProblemError, unavailable
+from api.pacs import PULL_FIELDS
 from api.schemas import PROBLEM_RESPONSES, JobAccepted, Problem
 from api.uploads import check_same_space, hash_upload, inspect_nifti
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["synthesis"])
 FORMATS = ("nifti", "dicom")
-OPTIONS = ("targets", "formats", "steps", "seed", "samples", "series_map", "reference")
+OPTIONS = ("targets", "formats", "steps", "seed", "samples", "series_map", "reference", "deliver_to", *PULL_FIELDS)
 DICOM_FIELD = "dicom"
 
 REQUEST_BODY = {
@@ -62,6 +63,15 @@ REQUEST_BODY = {
                 "samples": {"type": "integer", "minimum": 1, "description": "samples for an uncertainty map"},
                 "reference": {"type": "boolean", "description": "validation mode: the named targets are also "
                               "uploaded; the worker withholds them from the model and scores against them"},
+                "deliver_to": {"type": "string", "example": "orthanc",
+                               "description": "comma-separated DICOM node names (MSGLDM_DICOM__NODES): after "
+                                              "success the DICOM result is sent there and verified (docs/pacs.md)"},
+                "source_node": {"type": "string", "example": "orthanc",
+                                "description": "instead of files: the node the worker retrieves study_uid from"},
+                "study_uid": {"type": "string", "example": "1.2.826.0.1.3680043.8.498.1",
+                              "description": "StudyInstanceUID to retrieve from source_node"},
+                "series_uids": {"type": "string", "description": "optional: comma-separated SeriesInstanceUIDs of "
+                                                                 "the study to use (default: every series)"},
             },
         },
         "encoding": {**{m: {"contentType": "application/gzip, application/octet-stream"}
@@ -89,9 +99,9 @@ def _csv(raw: str | None) -> list[str]:
 
 
 def parse_request(files: dict[str, UploadFile], fields: dict[str, str], modalities: tuple[str, ...],
-                  dicom: DicomUpload | None = None) -> dict[str, Any]:
+                  dicom: DicomUpload | None = None, source: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validate the form against the serving model (``dicom``: the inspected DICOM upload, whose series count as
-    supplied modalities); returns the normalised request."""
+    supplied modalities; ``source``: a study the worker pulls, api.pacs); returns the normalised request."""
     settings = get_settings()
     unknown = sorted(set(files) - set(modalities))
     if unknown:
@@ -101,7 +111,7 @@ def parse_request(files: dict[str, UploadFile], fields: dict[str, str], modaliti
     if extra:
         raise ProblemError(422, "unknown_field", f"unknown form field(s): {', '.join(extra)}", fields=extra)
     given = set(files) | set(dicom.series if dicom else ())
-    if not given:
+    if not given and source is None:
         raise ProblemError(422, "no_inputs", f"upload at least one NIfTI volume in a field named by modality "
                                              f"({', '.join(modalities)}) or DICOM series in the field {DICOM_FIELD}")
     both_ways = sorted(set(files) & set(dicom.series if dicom else ()))
@@ -109,7 +119,8 @@ def parse_request(files: dict[str, UploadFile], fields: dict[str, str], modaliti
         raise ProblemError(422, "series_ambiguous", f"{', '.join(both_ways)} uploaded both as NIfTI and as a DICOM "
                                                     f"series")
     supplied = [m for m in modalities if m in given]
-    targets = _csv(fields.get("targets")) or [m for m in modalities if m not in given]
+    # a pull's default targets are known once the worker has the study: every modality it lacks
+    targets = _csv(fields.get("targets")) or ([] if source else [m for m in modalities if m not in given])
     bad = [t for t in targets if t not in modalities]
     if bad:
         raise ProblemError(422, "unknown_target", f"target(s) {', '.join(bad)} are not modalities of the serving "
@@ -123,9 +134,10 @@ def parse_request(files: dict[str, UploadFile], fields: dict[str, str], modaliti
         raise ProblemError(422, "reference_missing", "reference=true needs targets, each also uploaded")
     if both and set(both) == set(given):
         raise ProblemError(422, "no_inputs", "every upload is a reference: upload an input to synthesize from")
-    if not targets:
+    if not targets and source is None:
         raise ProblemError(422, "nothing_to_synthesize", "every modality of the model was supplied")
-    formats = _csv(fields.get("formats")) or ["nifti"]
+    deliver_to = pacs.deliver_to(fields, settings.dicom)
+    formats = (_csv(fields.get("formats")) or ["nifti"]) + (["dicom"] if deliver_to else [])
     unsupported = [f for f in formats if f not in FORMATS]
     if unsupported:
         raise ProblemError(422, "unsupported_format", f"format(s) {', '.join(unsupported)} are not supported "
@@ -138,6 +150,8 @@ def parse_request(files: dict[str, UploadFile], fields: dict[str, str], modaliti
         "seed": _int_option(fields, "seed", 0, 2**31 - 1),
         "samples": _int_option(fields, "samples", 1, settings.inference.max_samples) or 1,
         **({"reference": True} if reference else {}),  # validation mode: inputs ∩ targets are withheld references
+        **({"deliver_to": deliver_to} if deliver_to else {}),  # docs/pacs.md
+        **({"source": source} if source else {}),
     }
 
 
@@ -167,14 +181,7 @@ def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str,
     job_id = new_id()
     inputs: dict[str, Any] = {}
     try:
-        for m, series in (dicom.series if dicom else {}).items():
-            keys = []
-            for i, df in enumerate(series.files):
-                obj_key = f"jobs/{job_id}/inputs/{m}/{i:05d}.dcm"
-                df.file.seek(0)
-                storage.put_stream(obj_key, df.file, df.bytes)  # type: ignore[arg-type]  # a spooled file
-                keys.append(obj_key)
-            inputs[m] = {**series.record(), "keys": keys}
+        inputs |= dicom.store(storage, job_id) if dicom else {}
         for m in nifti:
             f = files[m].file
             f.seek(0)
@@ -188,8 +195,11 @@ def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str,
         inputs = {m: inputs[m] for m in req["inputs"]}  # model order: the first is the reference
         job = Job(id=job_id, owner_id=key.id, idempotency_key=idempotency_key, request_hash=request_hash,
                   inputs=inputs, targets=req["targets"], formats=req["formats"], steps=req["steps"],
-                  seed=req["seed"] if req["seed"] is not None else secrets.randbelow(2**31), samples=req["samples"])
+                  seed=req["seed"] if req["seed"] is not None else secrets.randbelow(2**31), samples=req["samples"],
+                  source=req.get("source"))
         session.add(job)
+        session.flush()  # the job row before its deliveries (their foreign key)
+        session.add_all(Delivery(job_id=job_id, node=node) for node in req.get("deliver_to", ()))
         session.commit()
     except IntegrityError:
         session.rollback()
@@ -259,7 +269,8 @@ async def synthesize(request: Request, response: Response, session: SessionDep, 
             dicom = await run_in_threadpool(inspect_dicom_upload_limited, uploads, modalities=modalities,
                                             series_map=fields.get("series_map"), cfg=settings.dicom,
                                             max_voxels=settings.api.max_volume_voxels, limits=settings.api)
-        req = parse_request(files, fields, modalities, dicom)
+        source = pacs.pull_source(fields, bool(files or dicom_files), settings.dicom)
+        req = parse_request(files, fields, modalities, dicom, source)
         job = await run_in_threadpool(create_job, session, storage, key, files, req, idempotency_key, dicom)
     finally:
         if dicom is not None:

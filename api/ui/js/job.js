@@ -52,6 +52,18 @@ function niftiName(id, bytes) {
   return `${id}.${b[0] === 0x1f && b[1] === 0x8b ? "nii.gz" : "nii"}`;
 }
 
+/** deliver_to (docs/pacs.md): where the DICOM result goes, and whether the node holds it (verified). */
+function deliveriesTable(job) {
+  if (!job.deliveries?.length) return null;
+  return h("section", { "aria-label": "Deliveries" }, h("h2", {}, "Deliveries to PACS"),
+    h("table", { class: "metrics", id: "deliveries" },
+      h("tr", {}, h("th", {}, "node"), h("th", {}, "status"), h("th", {}, "attempts"), h("th", {}, "instances"),
+        h("th", {}, "verified"), h("th", {}, "error")),
+      job.deliveries.map((d) => h("tr", { "data-node": d.node }, h("td", { class: "mono" }, d.node),
+        h("td", {}, badge(d.status)), h("td", {}, d.attempts), h("td", {}, d.instances ?? "–"),
+        h("td", {}, when(d.verified_at)), h("td", { class: d.error ? "error" : "" }, d.error || "")))));
+}
+
 export function jobView(root, jobId) {
   const head = h("div");
   const downloads = h("section", { "aria-label": "Downloads" });
@@ -93,6 +105,7 @@ export function jobView(root, jobId) {
         item("seed", job.seed), item("steps", job.steps ?? "model default"), item("samples", job.samples),
         item("attempts", job.attempts), item("created", when(job.created_at)), item("finished", when(job.finished_at))),
       job.error ? h("p", { class: "error", role: "status" }, `${job.error.code}: ${job.error.message}`) : null,
+      deliveriesTable(job),
       job.status === "queued" && job.queue_position !== null
         ? h("p", { class: "muted" }, `${job.queue_position} job(s) ahead in the queue`) : null);
   }
@@ -172,12 +185,13 @@ export function jobView(root, jobId) {
     }
     drawHead(job);
     drawDownloads(job);
+    const delivering = (job.deliveries || []).some((d) => d.status === "pending");  // kept live until they end
     if (job.status === "succeeded" && !loaded) {
       loaded = true;
-      poller.stop();
+      if (!delivering) poller.stop();
       await drawRecord(job).catch((e) => put(report, h("p", { class: "error" }, `report: ${e.message}`)));
       await loadViewer(job).catch((e) => put(viewerBox, h("p", { class: "error" }, `viewer: ${e.message}`)));
-    } else if (["failed", "cancelled"].includes(job.status)) {
+    } else if (["failed", "cancelled"].includes(job.status) || (loaded && !delivering)) {
       poller.stop();
     }
   }, 2000);
