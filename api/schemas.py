@@ -21,6 +21,8 @@ JOB_EXAMPLE: dict[str, Any] = {
     "steps": 25,
     "seed": 1234,
     "samples": 1,
+    "preprocess": "auto",
+    "output_grid": "reference",
     "created_at": "2026-11-22T09:14:03.120Z",
     "started_at": "2026-11-22T09:14:04.551Z",
     "finished_at": "2026-11-22T09:14:31.906Z",
@@ -63,6 +65,9 @@ class JobPublic(BaseModel):
     steps: int | None
     seed: int
     samples: int
+    preprocess: str = Field("auto", description="auto, none or full: the raw-study chain (docs/imaging.md); the "
+                                                "mode that ran is in record.json")
+    output_grid: str = Field("reference", description="the grid results lie on: reference, a modality, or atlas")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

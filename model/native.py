@@ -395,17 +395,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def to_atlas(volumes: dict[str, Volume], extract: Extract, *, registered: Sequence[str] | None = None,
-             rigid_levels: Sequence[int] = (4, 2, 1), rigid_iterations: int = 60,
+def to_atlas(volumes: dict[str, Volume], extract: Extract, *, reference: str | None = None,
+             registered: Sequence[str] | None = None, rigid_levels: Sequence[int] = (4, 2, 1),
+             rigid_iterations: int = 60,
              progress: Callable[[str, float], None] | None = None) -> NativeStudy:
     """Steps 2-5: reference, brain extraction, rigid to the reference, affine to the atlas, one resampling each.
 
-    ``registered``: the modalities that go through rigid registration (default every one; a validation reference
-    is registered too so that the result can be put on its grid, but never enters the model).
+    ``reference``: the series transforms are computed from (default :func:`choose_reference`); ``registered``: the
+    modalities that go through rigid registration (default every one; a validation reference is registered too
+    so that the result can be put on its grid, but never enters the model).
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    reference = choose_reference(volumes)
+    reference = reference or choose_reference(volumes)
     names = {m: series_name(v, m) for m, v in volumes.items()}
     ref_iso = isotropic(volumes[reference])
     timings["isotropic"] = time.perf_counter() - t0
