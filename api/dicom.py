@@ -276,6 +276,25 @@ def inspect_dicom_upload_limited(uploads: Sequence[tuple[str, BinaryIO]], *, mod
     return inspect_dicom_upload(uploads, modalities=modalities, series_map=series_map, cfg=cfg, max_voxels=max_voxels)
 
 
+def _prefer_3d(chosen: dict[str, list[tuple[str, list[DicomFile]]]], found: list[dict[str, Any]]) -> None:
+    """Several series claimed by one modality's rule, exactly one of them a 3D acquisition: that one is used (the
+    reference of a raw study: docs/imaging.md), the 2D ones are left out and listed as not used. A raw Philips
+    study has a 3D T1 and two 2D fat-saturated T1 spin echoes whose contrast is not recorded."""
+    for modality, candidates in chosen.items():
+        three_d = [c for c in candidates if str(c[1][0].header.get("MRAcquisitionType", "")).upper() == "3D"]
+        if len(candidates) < 2 or len(three_d) != 1:
+            continue
+        chosen[modality] = three_d
+        for _, series in candidates:
+            if series is three_d[0][1]:
+                continue
+            uid = str(series[0].header.SeriesInstanceUID)
+            for e in found:
+                if e["series_instance_uid"] == uid:
+                    e.update(outcome=None, not_used=True,
+                             rule=f"{e['rule']}; not used: the 3D series is preferred for {modality}")
+
+
 def _map_series(files: list[DicomFile], modalities: Sequence[str], explicit: dict[str, str], cfg: DicomSettings,
                 max_voxels: int) -> DicomUpload:
     groups: dict[str, list[DicomFile]] = {}
@@ -303,7 +322,9 @@ def _map_series(files: list[DicomFile], modalities: Sequence[str], explicit: dic
     if unknown_keys:
         raise ProblemError(422, "invalid_series_map", f"series_map names series not in the upload: "
                            f"{', '.join(unknown_keys)}", field="series_map", series=found)
-    unrecognised = [e for e in found if e["outcome"] is None]
+    if not explicit:
+        _prefer_3d(chosen, found)
+    unrecognised = [e for e in found if e["outcome"] is None and not e.get("not_used")]
     if unrecognised and not explicit:
         raise _problem("series_unrecognised", "no modality rule recognises " + "; ".join(
             f"series {e['series_number']} {e['series_description']!r}" for e in unrecognised)

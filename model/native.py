@@ -9,7 +9,8 @@ synthesized volume back onto a native grid:
 2. reference sequence (:func:`choose_reference`): the 3D T1, else T1CE, else the finest other; a 1 mm isotropic
    copy of it is used to compute transforms only;
 3. brain extraction of that copy (``extract``: a callable, :func:`model.brain_extraction.extract_brain` in the
-   service), checked by :func:`check_mask` (intracranial volume, one component) -> :class:`BrainExtractionError`;
+   service), checked by :func:`check_mask` (intracranial volume, one component) and, after step 5, by its mutual
+   information with the atlas brain -> :class:`BrainExtractionError`;
 4. rigid co-registration of every other sequence to the reference (:func:`register_rigid`: Mattes mutual
    information, three resolutions, started from the scanner coordinates) -> :class:`RegistrationError` when
    implausible;
@@ -48,6 +49,7 @@ MAX_ROTATION_DEG = 30.0  # rigid motion between two series of one session beyond
 MAX_SHIFT_MM = 60.0
 AFFINE_SCALE = (0.6, 1.6)  # per-axis scale of a head to the atlas
 MIN_COVERAGE = 0.5  # fraction of the reference brain a registered series must cover
+MIN_ATLAS_MI = 0.3  # the extracted brain against the SRI24 brain: brains here 0.5, a bottle phantom 0.19
 MIN_MI = 0.15  # mutual information (nats, Mattes, 32 bins) at the solution below which nothing was matched
 INTERPOLATORS = {"images": "B-spline (cubic)", "mask": "nearest neighbour", "transform_images": "linear"}
 
@@ -142,6 +144,14 @@ def displacement_mm(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """``(N,)`` distance each of ``points (N, 3)`` (world mm) moves under ``matrix``."""
     moved = points @ matrix[:3, :3].T + matrix[:3, 3]
     return np.linalg.norm(moved - points, axis=1)
+
+
+def coverage_of(points: np.ndarray, matrix: np.ndarray, moving: Volume) -> float:
+    """Fraction of ``points`` (world mm) that ``matrix`` maps inside ``moving``'s grid."""
+    moved = points @ matrix[:3, :3].T + matrix[:3, 3]
+    inv = np.linalg.inv(moving.affine)
+    ijk = moved @ inv[:3, :3].T + inv[:3, 3]
+    return float(np.all((ijk > -0.5) & (ijk < np.array(moving.shape) - 0.5), axis=1).mean())
 
 
 def world_points(mask: np.ndarray, affine: np.ndarray, limit: int = 20000, seed: int = 0) -> np.ndarray:
@@ -258,6 +268,12 @@ def register_rigid(fixed: Volume, moving: Volume, fixed_mask: np.ndarray, name: 
     when the optimiser fails or the solution is implausible (rotation, shift, coverage, mutual information).
     """
     t0 = time.perf_counter()
+    points = world_points(fixed_mask, fixed.affine)
+    start = coverage_of(points, initial if initial is not None else np.eye(4), moving)
+    if start < MIN_COVERAGE / 2:
+        raise RegistrationError(f"{name}: in scanner coordinates the series covers {start:.0%} of the reference "
+                                f"brain: not the same head or not the same session (nothing to start from)",
+                                series=name)
     f_img, m_img = _sitk_image(fixed.data, fixed.affine), _sitk_image(moving.data, moving.affine)
     mask_img = sitk.Cast(_sitk_image(fixed_mask.astype(np.float32), fixed.affine), sitk.sitkUInt8)
     init = sitk.Euler3DTransform()
@@ -277,12 +293,7 @@ def register_rigid(fixed: Volume, moving: Volume, fixed_mask: np.ndarray, name: 
         raise RegistrationError(f"{name}: rigid registration to the reference failed ({str(exc)[-200:]})",
                                 series=name) from exc
     matrix = _matrix(out)
-    points = world_points(fixed_mask, fixed.affine)
-    moved = points @ matrix[:3, :3].T + matrix[:3, 3]
-    inv = np.linalg.inv(moving.affine)
-    ijk = moved @ inv[:3, :3].T + inv[:3, 3]
-    inside = np.all((ijk > -0.5) & (ijk < np.array(moving.shape) - 0.5), axis=1)
-    coverage = float(inside.mean())
+    coverage = coverage_of(points, matrix, moving)
     mi = _mi(f_img, m_img, out, mask_img)
     record = {
         "kind": "rigid (Euler3D, 6 parameters)", "fixed": grid_record(fixed.shape, fixed.affine, "reference 1 mm"),
@@ -440,6 +451,10 @@ def to_atlas(volumes: dict[str, Volume], extract: Extract, *, reference: str | N
     brain = Volume(np.where(mask_iso, ref_iso.data, 0.0).astype(np.float32), ref_iso.affine)
     aff = register_affine(brain, names[reference])
     transforms.append({"name": f"affine atlas -> {reference}", "modality": reference, **aff.record})
+    if aff.record["mutual_information"] < MIN_ATLAS_MI:
+        raise BrainExtractionError(f"{names[reference]}: the extracted region does not look like a brain (mutual "
+                                   f"information with the SRI24 T1 brain {aff.record['mutual_information']:.2f} < "
+                                   f"{MIN_ATLAS_MI}; not a head?)", series=names[reference])
     timings["affine"] = time.perf_counter() - t
 
     t = time.perf_counter()
