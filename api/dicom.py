@@ -197,9 +197,21 @@ def _classify(ds: Dataset, rules: Sequence[tuple[str, str]]) -> tuple[str | None
     return None, f"no rule matched {text!r}"
 
 
+LOCALIZER = re.compile(r"locali[sz]er|survey|scout|(?<![a-z])3.?pl(ane)?(?![a-z])", re.IGNORECASE)
+
+
+def _is_localizer(ds: Dataset) -> bool:
+    """A planning image (localizer, survey, scout): ImageType says so, or its description does."""
+    d = _describe(ds)
+    return "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])] or bool(
+        LOCALIZER.search(f"{d['series_description']} {d['protocol_name']}"))
+
+
 def _check_headers(series: list[DicomFile]) -> None:
     first = series[0].header
     label = _label(first)
+    if _is_localizer(first):
+        raise _problem("dicom_localizer", f"{label}: a localizer (planning image), not a diagnostic series")
     if str(first.get("Modality", "")).upper() != "MR":
         raise _problem("dicom_not_mr", f"{label}: Modality is {first.get('Modality', 'missing')!r}; only MR is used")
     if "MOSAIC" in [str(v).upper() for v in (first.get("ImageType") or [])] or (0x0019, 0x100A) in first:
@@ -308,11 +320,14 @@ def _map_series(files: list[DicomFile], modalities: Sequence[str], explicit: dic
         if explicit:
             key = uid if uid in explicit else number if number in explicit else None
             modality, rule = (explicit[key], f"series_map[{key}]") if key else (None, "not in series_map")
+        elif _is_localizer(first):
+            modality, rule = None, "a localizer (planning image): not used"
         else:
             modality, rule = _classify(first, cfg.series_rules)
             if modality is not None and modality not in modalities:
                 modality, rule = None, f"{rule}, but the serving model has no {modality}"
-        entry = {**_describe(first), "images": len(series), "outcome": modality, "rule": rule}
+        entry = {**_describe(first), "images": len(series), "outcome": modality, "rule": rule,
+                 **({"not_used": True} if rule.startswith("a localizer") else {})}
         found.append(entry)
         if modality is None:
             continue
@@ -334,6 +349,9 @@ def _map_series(files: list[DicomFile], modalities: Sequence[str], explicit: dic
         raise _problem("series_ambiguous", "several series for one modality: " + "; ".join(
             f"{m}: " + ", ".join(_label(s[0].header) for _, s in c) for m, c in twice.items())
             + ": choose with series_map", series=found)
+    if not chosen and found and all(e["rule"].startswith("a localizer") for e in found):
+        raise _problem("dicom_localizer", "the upload holds only localizers (planning images): " + "; ".join(
+            f"series {e['series_number']} {e['series_description']!r}" for e in found), series=found)
     if not chosen:
         raise _problem("series_unrecognised", "no series of the upload is mapped to a modality", series=found)
     out: dict[str, UploadedSeries] = {}

@@ -32,6 +32,7 @@ class NativeResult:
     brain_mask: np.ndarray | None = None  # on the output grid
     reference_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # acquired targets on the output grid
     preview_png: bytes | None = None
+    native: Any = None  # the model.native.NativeStudy (atlas-space inputs, transforms)
 
 
 def run(synth: Any, study: dict[str, Volume], targets: list[str], *, preprocess: str, output_grid: str,
@@ -90,7 +91,7 @@ def _full(synth: Any, study: dict[str, Volume], given: dict[str, Volume], target
     record["registration_check"] = registration_check(ns)
     preview = preview_png(ns, inner, atlas_inputs)
     return NativeResult(volumes, uncertainty, {**inner.timings, "preprocess": ns.record["timings_seconds"]["total"]},
-                        meta, mask, references, preview), record
+                        meta, mask, references, preview, ns), record
 
 
 def _edges(a: np.ndarray) -> np.ndarray:
