@@ -197,14 +197,10 @@ def _classify(ds: Dataset, rules: Sequence[tuple[str, str]]) -> tuple[str | None
     return None, f"no rule matched {text!r}"
 
 
-LOCALIZER = re.compile(r"locali[sz]er|survey|scout|(?<![a-z])3.?pl(ane)?(?![a-z])", re.IGNORECASE)
-
-
 def _is_localizer(ds: Dataset) -> bool:
-    """A planning image (localizer, survey, scout): ImageType says so, or its description does."""
-    d = _describe(ds)
-    return "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])] or bool(
-        LOCALIZER.search(f"{d['series_description']} {d['protocol_name']}"))
+    """A planning image: ImageType says LOCALIZER (PS3.3 C.8.3.1.1.1). A series only described as a localizer
+    matches no modality rule and is ``series_unrecognised`` like any other unknown series."""
+    return "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
 
 
 def _check_headers(series: list[DicomFile]) -> None:
