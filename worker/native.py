@@ -103,8 +103,9 @@ def _edges(a: np.ndarray) -> np.ndarray:
 
 
 def registration_check(ns: Any) -> dict[str, float]:
-    """Per registered series: normalised mutual information with the reference in the atlas brain mask (1: same
-    image; unrelated images ~1.0-1.05; registered MR pairs of one head are typically above 1.1)."""
+    """Per registered series: normalised mutual information (H(a) + H(b)) / H(a, b) with the reference in the atlas
+    brain mask: 1 for independent images, 2 for identical ones; the Philips study's T2 and FLAIR against its 3D T1
+    give 1.08 and 1.11."""
     ref = ns.atlas_volumes[ns.reference].data[ns.atlas_mask]
     out = {}
     for m, v in ns.atlas_volumes.items():

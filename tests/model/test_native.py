@@ -87,6 +87,8 @@ def test_a_series_with_nothing_in_common_is_refused_naming_it():
 def test_auto_decides_from_the_inputs():
     brats = {m: read_nifti(BRATS / f"BraTS-GLI-00001-000-{s}.nii.gz") for m, s in [("t1", "t1n"), ("t2", "t2w")]}
     assert native.assess(brats) == (True, [])
+    slab = {m: Volume(v.data[:, :, 70:86], v.affine) for m, v in brats.items()}  # a block of slices: still BraTS
+    assert native.assess(slab) == (True, [])
     ixi = {"t1": read_nifti(IXI / "hd_bet_IXI002-Guys-0828-T1.nii.gz"),
            "t2": read_nifti(IXI / "hd_bet_IXI002-Guys-0828-T2.nii.gz")}
     ok, reasons = native.assess(ixi)
