@@ -52,8 +52,9 @@ class JobPublic(BaseModel):
 
     id: str
     status: str = Field(description="queued, running, succeeded, failed or cancelled")
-    phase: str = Field(description="what the job is doing: queued, starting, loading, reading, preprocess, encode, "
-                                   "denoise, decode, postprocess, writing, done, failed, cancelled")
+    phase: str = Field(description="what the job is doing: queued, starting, loading, reading, preprocess "
+                                   "(raw studies also brain_extraction, registration), encode, denoise, decode, "
+                                   "postprocess, writing, done, failed, cancelled")
     progress: int = Field(ge=0, le=100)
     queue_position: int | None = Field(description="queued jobs ahead of this one; null unless queued")
     attempts: int

@@ -149,20 +149,21 @@ def report_html(record: dict[str, Any], preview_png: bytes) -> str:
                      f"<p class=note>{html.escape(validation['protocol'])}</p>")
     pre = record.get("preprocessing") or {}
     if pre:
-        rows = [("requested / ran", f"{pre.get('requested')} / {pre.get('mode')}"),
-                ("why", "; ".join(pre.get("reasons") or []) or "BraTS-like: one grid, background 0, 1 mm")]
+        pre_rows: list[tuple[str, Any]] = [("requested / ran", f"{pre.get('requested')} / {pre.get('mode')}"),
+                                       ("why", "; ".join(pre.get("reasons") or [])
+                                        or "BraTS-like: one grid, background 0, 1 mm")]
         if pre.get("mode") == "full":
             mask = pre.get("brain_mask", {})
-            rows += [("reference series", pre.get("reference_series")), ("output grid", pre.get("output_grid")),
+            pre_rows += [("reference series", pre.get("reference_series")), ("output grid", pre.get("output_grid")),
                      ("brain mask", f"{mask.get('volume_ml')} mL, {mask.get('components')} component(s) "
                                     f"(deepbet {pre.get('versions', {}).get('deepbet')})")]
-            rows += [(t["name"], f"MI {t['mutual_information']}, " + (
+            pre_rows += [(t["name"], f"MI {t['mutual_information']}, " + (
                 f"rotation {t['rotation_deg']} deg, max brain shift {t['max_brain_shift_mm']} mm, coverage "
                 f"{t['brain_coverage']:.0%}" if "rotation_deg" in t else f"scales {t.get('scales')}"))
                 for t in pre.get("transforms", [])]
-            rows += [(f"registration check {m}", f"normalised MI with the reference in the brain: {v}")
+            pre_rows += [(f"registration check {m}", f"normalised MI with the reference in the brain: {v}")
                      for m, v in (pre.get("registration_check") or {}).items()]
-        parts.append(f"<h2>Preprocessing (raw study)</h2>{_table(rows)}<p class=note>preview: atlas space, brain "
+        parts.append(f"<h2>Preprocessing (raw study)</h2>{_table(pre_rows)}<p class=note>preview: atlas space, brain "
                      f"mask outline in yellow, reference edges in cyan over each registered series</p>")
     warnings = synthesis.get("warnings") or []
     if warnings:
