@@ -129,6 +129,7 @@ def preview_png(ns: Any, inner: Any, atlas_inputs: dict[str, Volume]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
+    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
 
     from worker.report import BANNER, _canonical, _cuts
@@ -150,13 +151,13 @@ def preview_png(ns: Any, inner: Any, atlas_inputs: dict[str, Volume]) -> bytes:
             ax.contour(mask_cuts[row], levels=[0.5], colors="#ffd000", linewidths=0.6)
             if not title.startswith(("SYNTHETIC", f"input {ns.reference}")):
                 edges = np.ma.masked_where(~_edges(ref_cuts[row]), np.ones_like(cut))
-                ax.imshow(edges, cmap="cool", alpha=0.55, vmin=0, vmax=1, interpolation="nearest")
+                ax.imshow(edges, cmap=ListedColormap(["#00e5ff"]), alpha=0.6, interpolation="nearest")
             ax.set_axis_off()
             if row == 0:
                 ax.set_title(title, color="#ffb000" if title.startswith("SYNTHETIC") else "white", fontsize=9)
-    fig.suptitle(f"{BANNER}  |  atlas space: brain mask (yellow), {ns.reference} edges (cyan) over each registered "
-                 f"series", color="#ffb000", fontsize=10, fontweight="bold")
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.03, hspace=0.03)
+    fig.suptitle(f"{BANNER}\natlas space: brain mask (yellow), {ns.reference} edges (cyan) over each registered "
+                 f"series", color="#ffb000", fontsize=9, fontweight="bold")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.87, wspace=0.03, hspace=0.03)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", facecolor="black")
     return buf.getvalue()
