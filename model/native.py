@@ -129,7 +129,9 @@ def isotropic(volume: Volume, spacing: float = 1.0) -> Volume:
 
 def grid_record(shape: Sequence[int], affine: np.ndarray, name: str = "") -> dict[str, Any]:
     spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    direction = np.asarray(affine, dtype=np.float64)[:3, :3] / spacing
     return {"name": name, "shape": [int(s) for s in shape], "spacing_mm": [round(float(s), 5) for s in spacing],
+            "direction_ras": np.round(direction, 6).tolist(), "origin_ras": np.round(affine[:3, 3], 4).tolist(),
             "affine_ras": np.round(np.asarray(affine, dtype=np.float64), 6).tolist()}
 
 
@@ -486,7 +488,8 @@ def to_atlas(volumes: dict[str, Volume], extract: Extract, *, reference: str | N
         "transforms": transforms,
         "transform_convention": "4x4 matrices in world RAS mm (NIfTI), mapping a fixed-grid point to the moving "
                                 "image's point; the atlas -> series transform is rigid @ affine",
-        "interpolators": INTERPOLATORS, "versions": {"SimpleITK": sitk.Version.VersionString()},
+        "interpolators": INTERPOLATORS,
+        "versions": {"SimpleITK": sitk.Version.VersionString(), "numpy": np.__version__},
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
     }
     return NativeStudy(atlas_volumes, atlas_mask, reference, to_native,

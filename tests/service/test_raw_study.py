@@ -88,6 +88,7 @@ def test_philips_study_as_dicom_comes_out_on_the_flair_grid(raw_service, tmp_pat
     assert names == ["rigid t2 -> t1", "rigid flair -> t1", "affine atlas -> t1"]
     for t in pre["transforms"]:
         assert np.array(t["matrix_ras"]).shape == (4, 4) and t["fixed"]["shape"] and t["moving"]["shape"]
+        assert np.array(t["moving"]["direction_ras"]).shape == (3, 3) and len(t["fixed"]["spacing_mm"]) == 3
         if t["name"].startswith("rigid"):  # one session: small head motion between series
             assert t["rotation_deg"] < 5 and t["max_brain_shift_mm"] < 10 and t["brain_coverage"] > 0.9
     assert set(pre["registration_check"]) == {"t2", "flair"} and min(pre["registration_check"].values()) > 1.05
