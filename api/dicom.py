@@ -210,9 +210,17 @@ def _classify(ds: Dataset, rules: Sequence[tuple[str, str]]) -> tuple[str | None
     return None, f"no rule matched {text!r}"
 
 
+def _is_localizer(ds: Dataset) -> bool:
+    """A planning image: ImageType says LOCALIZER (PS3.3 C.8.3.1.1.1). A series only described as a localizer
+    matches no modality rule and is ``series_unrecognised`` like any other unknown series."""
+    return "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
+
+
 def _check_headers(series: list[DicomFile]) -> None:
     first = series[0].header
     label = _label(first)
+    if _is_localizer(first):
+        raise _problem("dicom_localizer", f"{label}: a localizer (planning image), not a diagnostic series")
     if str(first.get("Modality", "")).upper() != "MR":
         raise _problem("dicom_not_mr", f"{label}: Modality is {first.get('Modality', 'missing')!r}; only MR is used")
     if "MOSAIC" in [str(v).upper() for v in (first.get("ImageType") or [])] or (0x0019, 0x100A) in first:
@@ -289,6 +297,25 @@ def inspect_dicom_upload_limited(uploads: Sequence[tuple[str, BinaryIO]], *, mod
     return inspect_dicom_upload(uploads, modalities=modalities, series_map=series_map, cfg=cfg, max_voxels=max_voxels)
 
 
+def _prefer_3d(chosen: dict[str, list[tuple[str, list[DicomFile]]]], found: list[dict[str, Any]]) -> None:
+    """Several series claimed by one modality's rule, exactly one of them a 3D acquisition: that one is used (the
+    reference of a raw study: docs/imaging.md), the 2D ones are left out and listed as not used. A raw Philips
+    study has a 3D T1 and two 2D fat-saturated T1 spin echoes whose contrast is not recorded."""
+    for modality, candidates in chosen.items():
+        three_d = [c for c in candidates if str(c[1][0].header.get("MRAcquisitionType", "")).upper() == "3D"]
+        if len(candidates) < 2 or len(three_d) != 1:
+            continue
+        chosen[modality] = three_d
+        for _, series in candidates:
+            if series is three_d[0][1]:
+                continue
+            uid = str(series[0].header.SeriesInstanceUID)
+            for e in found:
+                if e["series_instance_uid"] == uid:
+                    e.update(outcome=None, not_used=True,
+                             rule=f"{e['rule']}; not used: the 3D series is preferred for {modality}")
+
+
 def _map_series(files: list[DicomFile], modalities: Sequence[str], explicit: dict[str, str], cfg: DicomSettings,
                 max_voxels: int) -> DicomUpload:
     groups: dict[str, list[DicomFile]] = {}
@@ -302,11 +329,14 @@ def _map_series(files: list[DicomFile], modalities: Sequence[str], explicit: dic
         if explicit:
             key = uid if uid in explicit else number if number in explicit else None
             modality, rule = (explicit[key], f"series_map[{key}]") if key else (None, "not in series_map")
+        elif _is_localizer(first):
+            modality, rule = None, "a localizer (planning image): not used"
         else:
             modality, rule = _classify(first, cfg.series_rules)
             if modality is not None and modality not in modalities:
                 modality, rule = None, f"{rule}, but the serving model has no {modality}"
-        entry = {**_describe(first), "images": len(series), "outcome": modality, "rule": rule}
+        entry = {**_describe(first), "images": len(series), "outcome": modality, "rule": rule,
+                 **({"not_used": True} if rule.startswith("a localizer") else {})}
         found.append(entry)
         if modality is None:
             continue
@@ -316,7 +346,9 @@ def _map_series(files: list[DicomFile], modalities: Sequence[str], explicit: dic
     if unknown_keys:
         raise ProblemError(422, "invalid_series_map", f"series_map names series not in the upload: "
                            f"{', '.join(unknown_keys)}", field="series_map", series=found)
-    unrecognised = [e for e in found if e["outcome"] is None]
+    if not explicit:
+        _prefer_3d(chosen, found)
+    unrecognised = [e for e in found if e["outcome"] is None and not e.get("not_used")]
     if unrecognised and not explicit:
         raise _problem("series_unrecognised", "no modality rule recognises " + "; ".join(
             f"series {e['series_number']} {e['series_description']!r}" for e in unrecognised)
@@ -326,6 +358,9 @@ def _map_series(files: list[DicomFile], modalities: Sequence[str], explicit: dic
         raise _problem("series_ambiguous", "several series for one modality: " + "; ".join(
             f"{m}: " + ", ".join(_label(s[0].header) for _, s in c) for m, c in twice.items())
             + ": choose with series_map", series=found)
+    if not chosen and found and all(e["rule"].startswith("a localizer") for e in found):
+        raise _problem("dicom_localizer", "the upload holds only localizers (planning images): " + "; ".join(
+            f"series {e['series_number']} {e['series_description']!r}" for e in found), series=found)
     if not chosen:
         raise _problem("series_unrecognised", "no series of the upload is mapped to a modality", series=found)
     out: dict[str, UploadedSeries] = {}

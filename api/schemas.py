@@ -21,6 +21,8 @@ JOB_EXAMPLE: dict[str, Any] = {
     "steps": 25,
     "seed": 1234,
     "samples": 1,
+    "preprocess": "auto",
+    "output_grid": "reference",
     "created_at": "2026-11-22T09:14:03.120Z",
     "started_at": "2026-11-22T09:14:04.551Z",
     "finished_at": "2026-11-22T09:14:31.906Z",
@@ -66,8 +68,9 @@ class JobPublic(BaseModel):
 
     id: str
     status: str = Field(description="queued, running, succeeded, failed or cancelled")
-    phase: str = Field(description="what the job is doing: queued, starting, loading, reading, preprocess, encode, "
-                                   "denoise, decode, postprocess, writing, done, failed, cancelled")
+    phase: str = Field(description="what the job is doing: queued, starting, loading, reading, preprocess "
+                                   "(raw studies also brain_extraction, registration), encode, denoise, decode, "
+                                   "postprocess, writing, done, failed, cancelled")
     progress: int = Field(ge=0, le=100)
     queue_position: int | None = Field(description="queued jobs ahead of this one; null unless queued")
     attempts: int
@@ -79,6 +82,9 @@ class JobPublic(BaseModel):
     steps: int | None
     seed: int
     samples: int
+    preprocess: str = Field("auto", description="auto, none or full: the raw-study chain (docs/imaging.md); the "
+                                                "mode that ran is in record.json")
+    output_grid: str = Field("reference", description="the grid results lie on: reference, a modality, or atlas")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

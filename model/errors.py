@@ -33,3 +33,20 @@ class EmptyBrainError(ValueError):
 
 class EvaluationError(ValueError):
     """Bad evaluation arguments or inputs (no cases, unknown targets, missing checkpoint...)."""
+
+
+class PreprocessError(ValueError):
+    """A raw study that the preprocessing chain (model/native.py) cannot bring into the model's space; ``series``
+    names the offending series."""
+
+    def __init__(self, message: str, series: str = "") -> None:
+        super().__init__(message)
+        self.series = series
+
+
+class BrainExtractionError(PreprocessError):
+    """No plausible brain mask for the reference series (not a head, a localizer, an empty image)."""
+
+
+class RegistrationError(PreprocessError):
+    """A series that cannot be registered to the reference (or the reference to the atlas) plausibly."""

@@ -86,7 +86,7 @@ def write_result_files(job: Job, result: Any, study: dict[str, Any], workdir: Pa
             files[f"{m}.input.nii.gz"] = write_nifti(volume, out_dir / f"{m}.input.nii.gz")
     if "dicom" in (job.formats or []):
         reference = result.meta.get("reference") or next(iter(study))
-        ref_dicom = study[reference].meta.get("dicom")
+        ref_dicom = None if result.meta.get("output_grid") == "atlas" else study[reference].meta.get("dicom")
         meta = result.meta
         for index, (m, volume) in enumerate(result.volumes.items(), start=1):
             series = SyntheticSeries(

@@ -24,6 +24,9 @@ PLANES = ("axial", "coronal", "sagittal")
 BANNER = "SYNTHETIC - not for primary diagnosis"
 PROTOCOL = ("reference normalised to [0, 1] inside the inputs' brain mask (0.5-99.5 percentile clip, as the model "
             "normalises its inputs); PSNR over the brain mask, SSIM 3D over the volume (model/metrics.py)")
+NATIVE_PROTOCOL = ("raw study: synthesized and acquired target on the output grid (the acquired one moved there by "
+                   "its rigid registration when that is another series' grid); reference normalised to [0, 1] inside "
+                   "the deepbet brain mask mapped onto that grid; PSNR over that mask, SSIM 3D over the volume")
 
 
 def write_report(job: Job, result: Any, record: dict[str, Any], study: dict[str, Any], workdir: Path,
@@ -35,17 +38,23 @@ def write_report(job: Job, result: Any, record: dict[str, Any], study: dict[str,
     t0 = time.perf_counter()
     inputs = {m: v for m, v in study.items() if m not in job.targets}
     references = {m: v for m, v in study.items() if m in job.targets}
-    brain = np.logical_or.reduce([np.asarray(v.data) > 0 for v in inputs.values()])
+    native_mask = getattr(result, "brain_mask", None)  # raw studies (worker/native.py): the mask on the output grid
+    brain = native_mask if native_mask is not None else np.logical_or.reduce(
+        [np.asarray(v.data) > 0 for v in inputs.values()])
+    acquired = getattr(result, "reference_arrays", {})  # raw studies: each reference on the output grid
     files: dict[str, Path] = {}
     normalized: dict[str, np.ndarray] = {}
     if references:
-        record["validation"] = {"protocol": PROTOCOL, "metrics": {}}
+        protocol = PROTOCOL if native_mask is None else NATIVE_PROTOCOL
+        record["validation"] = {"protocol": protocol, "metrics": {}}
         for m, ref in references.items():
-            normalized[m], record["validation"]["metrics"][m] = score(result.volumes[m].data, ref.data, brain)
-            files[f"{m}.reference.nii.gz"] = write_nifti(Volume(normalized[m].astype(np.float32), ref.affine, {}),
-                                                         workdir / f"{m}.reference.nii.gz")
+            normalized[m], record["validation"]["metrics"][m] = score(result.volumes[m].data,
+                                                                      acquired.get(m, ref.data), brain)
+            files[f"{m}.reference.nii.gz"] = write_nifti(
+                Volume(normalized[m].astype(np.float32), result.volumes[m].affine, {}),
+                workdir / f"{m}.reference.nii.gz")
     files["preview.png"] = workdir / "preview.png"
-    files["preview.png"].write_bytes(montage(inputs, result, normalized))
+    files["preview.png"].write_bytes(getattr(result, "preview_png", None) or montage(inputs, result, normalized))
     record.setdefault("timings_seconds", {})["report"] = time.perf_counter() - t0
     files["report.html"] = workdir / "report.html"
     files["report.html"].write_text(report_html(record, files["preview.png"].read_bytes()), encoding="utf-8")
@@ -138,6 +147,24 @@ def report_html(record: dict[str, Any], preview_png: bytes) -> str:
                 for m, v in validation["metrics"].items()]
         parts.append(f"<h2>Validation against the uploaded reference</h2>{_table(rows)}"
                      f"<p class=note>{html.escape(validation['protocol'])}</p>")
+    pre = record.get("preprocessing") or {}
+    if pre:
+        pre_rows: list[tuple[str, Any]] = [("requested / ran", f"{pre.get('requested')} / {pre.get('mode')}"),
+                                       ("why", "; ".join(pre.get("reasons") or [])
+                                        or "BraTS-like: one grid, background 0, 1 mm")]
+        if pre.get("mode") == "full":
+            mask = pre.get("brain_mask", {})
+            pre_rows += [("reference series", pre.get("reference_series")), ("output grid", pre.get("output_grid")),
+                     ("brain mask", f"{mask.get('volume_ml')} mL, {mask.get('components')} component(s) "
+                                    f"(deepbet {pre.get('versions', {}).get('deepbet')})")]
+            pre_rows += [(t["name"], f"MI {t['mutual_information']}, " + (
+                f"rotation {t['rotation_deg']} deg, max brain shift {t['max_brain_shift_mm']} mm, coverage "
+                f"{t['brain_coverage']:.0%}" if "rotation_deg" in t else f"scales {t.get('scales')}"))
+                for t in pre.get("transforms", [])]
+            pre_rows += [(f"registration check {m}", f"normalised MI with the reference in the brain: {v}")
+                     for m, v in (pre.get("registration_check") or {}).items()]
+        parts.append(f"<h2>Preprocessing (raw study)</h2>{_table(pre_rows)}<p class=note>preview: atlas space, brain "
+                     f"mask outline in yellow, reference edges in cyan over each registered series</p>")
     warnings = synthesis.get("warnings") or []
     if warnings:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul>")

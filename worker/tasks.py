@@ -20,7 +20,7 @@ from api.core.queue import SYNTHESIZE_TASK, publish_synthesis
 from api.core.settings import get_settings
 from api.core.storage import StorageError, get_storage
 from model import errors as model_errors
-from worker import files, pacs, runtime
+from worker import files, native, pacs, runtime
 from worker.app import app
 from worker.report import write_report
 
@@ -32,6 +32,8 @@ ERROR_CODES: dict[type, str] = {  # model errors -> stable job failure codes (do
     model_errors.TargetError: "invalid_target",
     model_errors.EmptyBrainError: "empty_brain",
     model_errors.CheckpointError: "model_unavailable",
+    model_errors.BrainExtractionError: "brain_extraction_failed",  # raw studies (model/native.py), naming the series
+    model_errors.RegistrationError: "registration_failed",
 }
 
 
@@ -129,9 +131,10 @@ def run_job(job_id: str) -> str:
                 lease.update(phase=phase, progress=int(5 + 90 * fraction))
 
             steps = job.steps or settings.inference.default_steps or synth.default_steps
-            given = {m: v for m, v in study.items() if m not in job.targets}  # validation: references withheld
-            result = synth.synthesize(given, job.targets, steps=steps, seed=job.seed, samples=job.samples,
-                                      progress=progress)
+            # validation references are withheld from the model; preprocess/output_grid: worker/native.py
+            result, preprocessing = native.run(synth, study, job.targets, preprocess=job.preprocess or "auto",
+                                               output_grid=job.output_grid or "reference", steps=steps,
+                                               seed=job.seed, samples=job.samples, progress=progress)
             timings |= {k: float(v) for k, v in result.timings.items()}
             lease.update(phase="writing", progress=96)
             t0 = time.perf_counter()
@@ -142,6 +145,7 @@ def run_job(job_id: str) -> str:
                 "inputs": files.input_record(job, study),
                 "timings_seconds": timings,
                 "synthesis": getattr(result, "meta", {}),  # reference modality, slices, eta, warnings
+                "preprocessing": preprocessing,  # mode, transforms, brain mask, interpolators, versions
             }
             results = _write_results(job, claim, result, record, workdir, study)
             timings["write"] = time.perf_counter() - t0

@@ -126,6 +126,9 @@ class Job(Leased, Base):
     steps: Mapped[int | None] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(Integer)
     samples: Mapped[int] = mapped_column(Integer, default=1)
+    preprocess: Mapped[str] = mapped_column(String(8), default="auto", server_default="auto")  # auto|none|full
+    output_grid: Mapped[str] = mapped_column(String(16), default="reference",
+                                             server_default="reference")  # reference | a modality | atlas
     results: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)  # result name -> object key
 
 

@@ -43,7 +43,8 @@ def to_public(session: Session, job: Job) -> JobPublic:
         id=job.id, status=job.status, phase=job.phase, progress=job.progress,
         queue_position=job_states.queue_position(session, job), attempts=job.attempts,
         model_version=job.model_version, targets=job.targets, inputs=list(job.inputs), formats=job.formats,
-        steps=job.steps, seed=job.seed, samples=job.samples, created_at=job.created_at, started_at=job.started_at,
+        steps=job.steps, seed=job.seed, samples=job.samples, preprocess=job.preprocess or "auto",
+        output_grid=job.output_grid or "reference", created_at=job.created_at, started_at=job.started_at,
         finished_at=job.finished_at,
         error=JobError(code=job.error_code, message=job.error_message or "")
         if job.status == JobStatus.failed and job.error_code else None,

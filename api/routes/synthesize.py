@@ -34,7 +34,9 @@ from api.uploads import check_same_space, hash_upload, inspect_nifti
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["synthesis"])
 FORMATS = ("nifti", "dicom")
-OPTIONS = ("targets", "formats", "steps", "seed", "samples", "series_map", "reference", "deliver_to", *PULL_FIELDS)
+OPTIONS = ("targets", "formats", "steps", "seed", "samples", "series_map", "reference", "preprocess", "output_grid",
+           "deliver_to", *PULL_FIELDS)
+PREPROCESS = ("auto", "none", "full")  # raw clinical studies: worker/native.py, docs/imaging.md
 DICOM_FIELD = "dicom"
 
 REQUEST_BODY = {
@@ -72,6 +74,14 @@ REQUEST_BODY = {
                               "description": "StudyInstanceUID to retrieve from source_node"},
                 "series_uids": {"type": "string", "description": "optional: comma-separated SeriesInstanceUIDs of "
                                                                  "the study to use (default: every series)"},
+                "preprocess": {"type": "string", "enum": list(PREPROCESS), "default": "auto", "example": "auto",
+                               "description": "raw studies (skull on, each series on its own grid): full = brain "
+                                              "extraction, registration, atlas space and back; none = the inputs "
+                                              "are BraTS-like; auto (default) decides from the inputs"},
+                "output_grid": {"type": "string", "default": "reference", "example": "flair",
+                                "description": "with preprocessing: the grid results are written on: reference "
+                                               "(the 3D T1, else T1CE, else the finest series), a supplied "
+                                               "modality's name (its series' grid), or atlas (SRI24 240x240x155)"},
             },
         },
         "encoding": {**{m: {"contentType": "application/gzip, application/octet-stream"}
@@ -142,6 +152,15 @@ def parse_request(files: dict[str, UploadFile], fields: dict[str, str], modaliti
     if unsupported:
         raise ProblemError(422, "unsupported_format", f"format(s) {', '.join(unsupported)} are not supported "
                                                       f"(supported: {', '.join(FORMATS)})")
+    preprocess = (fields.get("preprocess") or "auto").strip().lower()
+    if preprocess not in PREPROCESS:
+        raise ProblemError(422, "invalid_option", f"preprocess must be one of {', '.join(PREPROCESS)}, got "
+                                                  f"{preprocess!r}", field="preprocess")
+    output_grid = (fields.get("output_grid") or "reference").strip().lower()
+    if output_grid not in ("reference", "atlas", *given):
+        raise ProblemError(422, "invalid_option", f"output_grid must be reference, atlas or a supplied modality "
+                                                  f"({', '.join(m for m in modalities if m in given)}), got "
+                                                  f"{output_grid!r}", field="output_grid")
     return {
         "inputs": supplied,
         "targets": sorted(dict.fromkeys(targets), key=modalities.index),
@@ -152,6 +171,8 @@ def parse_request(files: dict[str, UploadFile], fields: dict[str, str], modaliti
         **({"reference": True} if reference else {}),  # validation mode: inputs ∩ targets are withheld references
         **({"deliver_to": deliver_to} if deliver_to else {}),  # docs/pacs.md
         **({"source": source} if source else {}),
+        **({"preprocess": preprocess} if preprocess != "auto" else {}),  # defaults left out: request hashes of
+        **({"output_grid": output_grid} if output_grid != "reference" else {}),  # older jobs stay the same
     }
 
 
@@ -196,7 +217,8 @@ def create_job(session: Session, storage: Storage, key: ApiKey, files: dict[str,
         job = Job(id=job_id, owner_id=key.id, idempotency_key=idempotency_key, request_hash=request_hash,
                   inputs=inputs, targets=req["targets"], formats=req["formats"], steps=req["steps"],
                   seed=req["seed"] if req["seed"] is not None else secrets.randbelow(2**31), samples=req["samples"],
-                  source=req.get("source"))
+                  source=req.get("source"), preprocess=req.get("preprocess", "auto"),
+                  output_grid=req.get("output_grid", "reference"))
         session.add(job)
         session.flush()  # the job row before its deliveries (their foreign key)
         session.add_all(Delivery(job_id=job_id, node=node) for node in req.get("deliver_to", ()))
