@@ -137,7 +137,8 @@ def make_job(folder: Path, study_uid: str) -> tuple[str | None, str]:
                                                   max_voxels=settings.api.max_volume_voxels, limits=settings.api)
             try:
                 targets = "" if cfg.auto_targets.strip().lower() == "missing" else cfg.auto_targets
-                fields = {"targets": targets, "formats": "nifti,dicom", "deliver_to": cfg.auto_deliver_to}
+                fields = {"targets": targets, "formats": "nifti,dicom", "deliver_to": cfg.auto_deliver_to,
+                          "preprocess": cfg.auto_preprocess}
                 req = parse_request({}, fields, modalities, upload)
                 job = create_job(session, get_storage(), key, {}, req, f"listener:{study_uid[:64]}:{digest}", upload)
             finally:

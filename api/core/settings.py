@@ -165,6 +165,7 @@ class DicomSettings(BaseModel):
     stable_seconds: float = 30.0  # a study is complete when no instance arrived for this long
     auto_targets: str = "missing"  # "missing" (every modality the study lacks) or comma-separated modalities
     auto_deliver_to: str = ""  # comma-separated node names
+    auto_preprocess: str = "auto"  # the preprocess option of the listener's jobs (auto|none|full, docs/imaging.md)
     listener_api_key: SecretStr | None = None  # the key owning the listener's jobs (or listener_api_key_file)
     listener_api_key_file: Path | None = None
     listener_spool: Path = VAR / "listener"

@@ -155,6 +155,7 @@ def test_pull_dicomweb_deliver_back_verified_idempotent(stack, tmp_path, orthanc
         admin = create_key(stack, "admin")
         with svc.client(key) as client:
             r = client.post("/api/v1/synthesize", data={"source_node": "orthanc", "study_uid": STUDY_UID,
+                                                        "preprocess": "none",  # transport under test, not imaging
                                                         "targets": "flair", "deliver_to": "orthanc", "steps": "2"})
             assert r.status_code == 202, r.text
             job = wait_for_job(client, r.json()["id"])
@@ -198,7 +199,8 @@ def test_delivery_faults_orthanc_down_then_up_and_refusing(stack, tmp_path, stud
             with svc.client(key) as client:
                 files = [(m, (p.name, p.read_bytes(), "application/gzip")) for m, p in study.items()]
                 r = client.post("/api/v1/synthesize", files=files,
-                                data={"targets": "flair", "deliver_to": "orthanc,refusing", "steps": "2"})
+                                data={"targets": "flair", "deliver_to": "orthanc,refusing", "steps": "2",
+                                      "preprocess": "none"})
                 assert r.status_code == 202, r.text
                 job = wait_for_job(client, r.json()["id"])
                 assert job["status"] == "succeeded", (job, svc.log_text())
@@ -235,6 +237,7 @@ def test_dimse_pull_c_get_deliver_c_store_verified_c_find(stack, tmp_path, ortha
         key = create_key(stack, "integrator")
         with svc.client(key) as client:
             r = client.post("/api/v1/synthesize", data={"source_node": "pacs", "study_uid": STUDY_UID,
+                                                        "preprocess": "none",
                                                         "deliver_to": "pacs", "targets": "t2", "steps": "2"})
             assert r.status_code == 202, r.text
             job = wait_for_job(client, r.json()["id"])
@@ -272,7 +275,8 @@ def test_listener_orthanc_pushes_a_study_it_becomes_one_job_delivered_back(stack
         stack.env |= pacs_env({"orthanc": o.node()}, MSGLDM_DICOM__LISTENER_PORT=str(port),
                               MSGLDM_DICOM__ALLOWED_CALLING_AE_TITLES='["ORTHANC"]',
                               MSGLDM_DICOM__STABLE_SECONDS="4", MSGLDM_DICOM__AUTO_DELIVER_TO="orthanc",
-                              MSGLDM_DICOM__AUTO_TARGETS="flair", MSGLDM_DICOM__LISTENER_SPOOL=str(spool),
+                              MSGLDM_DICOM__AUTO_TARGETS="flair", MSGLDM_DICOM__AUTO_PREPROCESS="none",
+                              MSGLDM_DICOM__LISTENER_SPOOL=str(spool),
                               MSGLDM_INFERENCE__DEFAULT_STEPS="2")  # the listener's jobs ask for no steps
         with running_service(stack, tmp_path) as svc:
             key = create_key(stack, "integrator")

@@ -39,6 +39,8 @@ MATRIX: dict[tuple[str, str], dict[str, int]] = {
     ("POST", "/api/v1/admin/datasets/validate"): ADMIN_ONLY | {"admin": 422},
     ("POST", "/api/v1/admin/models/{version}/promote"): ADMIN_ONLY | {"admin": 404},
     ("POST", "/api/v1/admin/models/{version}/rollback"): ADMIN_ONLY | {"admin": 404},
+    # the owner's job exists but no DICOM node is configured here: 422 unknown_node (docs/pacs.md)
+    ("POST", "/api/v1/admin/jobs/{job_id}/deliveries/{node}"): ADMIN_ONLY | {"admin": 422},
 }
 
 

@@ -37,7 +37,7 @@ def test_job_page_shows_deliveries_live(checkpoint: Path, s3_server: str, tmp_pa
             with httpx.Client(base_url=svc.base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
                 files = [(m, (f"{m}.nii", _volume(i))) for i, m in enumerate(("t1", "t1ce", "t2"))]
                 r = c.post("/api/v1/synthesize", files=files,
-                           data={"targets": "flair", "deliver_to": "orthanc", "steps": "1"})
+                           data={"targets": "flair", "deliver_to": "orthanc", "steps": "1", "preprocess": "none"})
                 assert r.status_code == 202, r.text
                 job_id = r.json()["id"]
             sign_in(page, svc.base, key)
