@@ -247,7 +247,7 @@ def test_real_sagittal_series_round_trips_through_the_service(one_thread_workers
     key = create_key(service.stack, "integrator")
     with service.client(key) as client:
         r = client.post("/api/v1/synthesize", data={"targets": "flair", "formats": "nifti,dicom", "steps": "1",
-                                                    "seed": "5"},
+                                                    "seed": "5", "preprocess": "none"},  # the chain: test_raw_study
                         files=[("dicom", ("sag.zip", sagittal_zip(), "application/zip"))])
         assert r.status_code == 202, r.text
         job = wait_for_job(client, r.json()["id"], timeout=600)
