@@ -3,10 +3,6 @@ the same volume on the same grid (within 0.05 mm); study, frame of reference, UI
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -15,10 +11,13 @@ import pytest
 from model.io.dicom import read_series
 from model.io.dicom_write import MAX_STORED, SyntheticSeries, write_dicom_series
 from model.io.volume import Volume
+from tests.dicom_tools import dciodvfy_errors, dcm2niix_volume, on_source_slices
 
 from .conftest import DATA
 
 SAGITTAL = DATA / "dicom_dcm_qa_decubitus_HFS_t1_fl2d_sag"
+
+
 def _rotation(axis: int, degrees: float) -> np.ndarray:
     c, s, (i, j) = np.cos(np.radians(degrees)), np.sin(np.radians(degrees)), [a for a in range(3) if a != axis]
     r = np.eye(4)
@@ -28,31 +27,6 @@ def _rotation(axis: int, degrees: float) -> np.ndarray:
 
 OBLIQUE = _rotation(2, 20) @ _rotation(0, -15) @ np.array([[0.0, 0, 1.2, -60], [-0.9, 0, 0, 100], [0, 1.1, 0, -40],
                                                             [0, 0, 0, 1]])
-# dicom3tools 1.00~20220618 (Debian bookworm/trixie) predates SyntheticData (0008,001C) in its dictionary and reports
-# the attribute itself as an unknown even-group tag. That one line is tolerated; every other error fails.
-UNKNOWN_SYNTHETIC_DATA = "Attribute with an even group number is not a recognized standard attribute - (0x0008,0x001c)"
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (Debian packages dicom3tools, dcm2niix; .ci/run installs them)")
-    return path
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    out = subprocess.run([_tool("dciodvfy"), str(path)], capture_output=True, text=True)
-    lines = (out.stdout + out.stderr).splitlines()
-    return [line for line in lines if line.startswith("Error") and UNKNOWN_SYNTHETIC_DATA not in line]
-
-
-def dcm2niix_volume(folder: Path, tmp: Path) -> nib.Nifti1Image:
-    out = tmp / "d2n"
-    out.mkdir()
-    subprocess.run([_tool("dcm2niix"), "-o", str(out), "-f", "back", "-z", "n", str(folder)], check=True,
-                   capture_output=True)
-    (nifti,) = out.glob("back*.nii")
-    return nib.load(nifti)
 
 
 def assert_same_image(back: nib.Nifti1Image, volume: Volume) -> None:
@@ -93,10 +67,8 @@ def test_output_on_the_sagittal_reference_grid(sagittal, tmp_path):
         assert dciodvfy_errors(path) == [], path
     assert_same_image(dcm2niix_volume(tmp_path / "out", tmp_path), output)
 
-    source = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(SAGITTAL.glob("*.dcm"))]
-    by_position = {tuple(np.round(np.array(s.ImagePositionPatient, float), 3)): s for s in source}
+    ((_, src),) = on_source_slices([paths[5]], SAGITTAL.glob("*.dcm"))  # slice 6 sits on a source slice
     ds = pydicom.dcmread(paths[5])
-    src = by_position[tuple(np.round(np.array(ds.ImagePositionPatient, float), 3))]  # slice 6 sits on a source slice
     assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == src.PatientID
     assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
     iop = [np.array(d.ImageOrientationPatient, float) for d in (ds, src)]

@@ -11,19 +11,17 @@ import gzip
 import io
 import json
 import math
-import shutil
-import subprocess
 import zipfile
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 
+from tests.dicom_tools import dciodvfy_errors, dcm2niix_volume, on_source_slices, require_tools
 from tests.service.conftest import BRATS, DATA, ROOT, create_key, real_stack, running_service, wait_for_job
 from tests.service.test_api import assert_problem, auth
 from tests.service.test_api import create_key as create_key_in_process
-from tests.service.test_dicom_api import SAGITTAL, UNKNOWN_SYNTHETIC_DATA, embedded_only, sagittal_zip
+from tests.service.test_dicom_api import SAGITTAL, embedded_only, sagittal_zip
 
 PHILIPS = DATA / "raw_philips_study"
 requires_philips = pytest.mark.skipif(not PHILIPS.is_dir(), reason=f"raw Philips study {PHILIPS} is absent")
@@ -58,9 +56,7 @@ def raw_service(tmp_path_factory, s3_server):
 @pytest.mark.slow
 @pytest.mark.stack
 def test_philips_study_as_dicom_comes_out_on_the_flair_grid(raw_service, tmp_path):
-    for tool in ("dciodvfy", "dcm2niix"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (.ci/run installs dicom3tools and dcm2niix)")
+    require_tools("dciodvfy", "dcm2niix")
     key = create_key(raw_service.stack, "integrator")
     with raw_service.client(key) as client:
         r = client.post("/api/v1/synthesize", data={"targets": "flair", "reference": "true", "output_grid": "flair",
@@ -110,21 +106,13 @@ def test_philips_study_as_dicom_comes_out_on_the_flair_grid(raw_service, tmp_pat
     archive.extractall(out)
     files = sorted(out.rglob("*.dcm"))
     assert len(files) == 26
-    source = {tuple(np.round(np.array(d.ImagePositionPatient, float), 2)): d for d in
-              (pydicom.dcmread(p, stop_before_pixels=True) for p in (PHILIPS / "T2W_FLAIR_TRA_701").iterdir())}
-    for path in files:  # every slice on an acquired FLAIR slice, in its study and frame of reference
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        src = source[tuple(np.round(np.array(ds.ImagePositionPatient, float), 2))]
+    flair_slices = (PHILIPS / "T2W_FLAIR_TRA_701").iterdir()
+    for ds, src in on_source_slices(files, flair_slices, decimals=2):  # on an acquired slice, in its study and FoR
         assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.FrameOfReferenceUID == src.FrameOfReferenceUID
         assert np.allclose(np.array(ds.ImageOrientationPatient, float), np.array(src.ImageOrientationPatient, float),
                            atol=1e-5)  # the writer keeps 6 decimals
-    checked = subprocess.run(["dciodvfy", str(files[13])], capture_output=True, text=True)
-    errors = [line for line in (checked.stdout + checked.stderr).splitlines()
-              if line.startswith("Error") and UNKNOWN_SYNTHETIC_DATA not in line]
-    assert errors == []
-    subprocess.run(["dcm2niix", "-o", str(tmp_path), "-f", "back", "-z", "n", str(out)], check=True,
-                   capture_output=True)
-    back = nib.as_closest_canonical(nib.load(next(tmp_path.glob("back*.nii"))))
+    assert dciodvfy_errors(files[13]) == []
+    back = nib.as_closest_canonical(dcm2niix_volume(out, tmp_path))
     ours = nib.as_closest_canonical(flair)
     assert back.shape == ours.shape
     np.testing.assert_allclose(back.affine, ours.affine, atol=0.05)
