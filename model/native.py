@@ -43,7 +43,6 @@ ATLAS_PATH = Path(__file__).parent / "atlas" / "sri24_t1_brain.nii.gz"
 ATLAS_SHAPE = (240, 240, 155)  # the BraTS grid: the SRI24 box with the y axis reversed
 ATLAS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239.0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (its own inverse)
-PREPROCESS_MODES = ("auto", "none", "full")
 ICV_ML = (700.0, 2300.0)  # plausible intracranial volume of a brain mask (adults and adolescents)
 MAX_ROTATION_DEG = 30.0  # rigid motion between two series of one session beyond this is a failed registration
 MAX_SHIFT_MM = 60.0
@@ -263,9 +262,9 @@ class Registration:
 
 
 def register_rigid(fixed: Volume, moving: Volume, fixed_mask: np.ndarray, name: str, *,
-                   levels: Sequence[int] = (4, 2, 1), iterations: int = 60, sampling: float = 0.1, seed: int = 0,
-                   initial: np.ndarray | None = None) -> Registration:
-    """Rigid (6 parameters) ``moving`` -> ``fixed``, from the scanner coordinates (identity) or ``initial``.
+                   levels: Sequence[int] = (4, 2, 1), iterations: int = 60, sampling: float = 0.1, seed: int = 0
+                   ) -> Registration:
+    """Rigid (6 parameters) ``moving`` -> ``fixed``, starting from the scanner coordinates (identity).
 
     ``fixed`` is the 1 mm reference, ``fixed_mask`` its brain: the metric is evaluated inside the brain only, so
     skull and neck (which move differently) do not steer it. Raises :class:`RegistrationError` naming ``name``
@@ -273,7 +272,7 @@ def register_rigid(fixed: Volume, moving: Volume, fixed_mask: np.ndarray, name: 
     """
     t0 = time.perf_counter()
     points = world_points(fixed_mask, fixed.affine)
-    start = coverage_of(points, initial if initial is not None else np.eye(4), moving)
+    start = coverage_of(points, np.eye(4), moving)
     if start < MIN_COVERAGE / 2:
         raise RegistrationError(f"{name}: in scanner coordinates the series covers {start:.0%} of the reference "
                                 f"brain: not the same head or not the same session (nothing to start from)",
@@ -283,11 +282,6 @@ def register_rigid(fixed: Volume, moving: Volume, fixed_mask: np.ndarray, name: 
     init = sitk.Euler3DTransform()
     centre = fixed.affine[:3, :3] @ (np.argwhere(fixed_mask).mean(axis=0)) + fixed.affine[:3, 3]
     init.SetCenter([float(v) for v in (LPS[:3, :3] @ centre)])
-    if initial is not None:
-        init.SetMatrix(_transform(initial).GetMatrix())
-        lps = LPS @ initial @ LPS
-        c = np.array(init.GetCenter())
-        init.SetTranslation([float(v) for v in lps[:3, :3] @ c + lps[:3, 3] - c])
     r = _method(levels, iterations, sampling, seed)
     r.SetMetricFixedMask(mask_img)
     r.SetInitialTransform(init, inPlace=False)
@@ -411,14 +405,13 @@ def _sha256(path: Path) -> str:
 
 
 def to_atlas(volumes: dict[str, Volume], extract: Extract, *, reference: str | None = None,
-             registered: Sequence[str] | None = None, rigid_levels: Sequence[int] = (4, 2, 1),
-             rigid_iterations: int = 60,
+             rigid_levels: Sequence[int] = (4, 2, 1), rigid_iterations: int = 60,
              progress: Callable[[str, float], None] | None = None) -> NativeStudy:
     """Steps 2-5: reference, brain extraction, rigid to the reference, affine to the atlas, one resampling each.
 
-    ``reference``: the series transforms are computed from (default :func:`choose_reference`); ``registered``: the
-    modalities that go through rigid registration (default every one; a validation reference is registered too
-    so that the result can be put on its grid, but never enters the model).
+    ``reference``: the series transforms are computed from (default :func:`choose_reference`). Every other series
+    goes through rigid registration (a validation reference too, so that the result can be put on its grid; it
+    never enters the model). ``extract`` raises :class:`BrainExtractionError` when it finds no brain.
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -429,20 +422,14 @@ def to_atlas(volumes: dict[str, Volume], extract: Extract, *, reference: str | N
     t = time.perf_counter()
     if progress:
         progress("brain_extraction", 0.0)
-    try:
-        mask_iso = np.asarray(extract(ref_iso, names[reference]), dtype=bool)
-    except BrainExtractionError:
-        raise
-    except (AssertionError, ValueError, RuntimeError, IndexError) as exc:  # deepbet asserts on an empty image
-        raise BrainExtractionError(f"{names[reference]}: brain extraction failed ({type(exc).__name__}: {exc})"[:400],
-                                   series=names[reference]) from exc
+    mask_iso = np.asarray(extract(ref_iso, names[reference]), dtype=bool)
     mask_facts = check_mask(mask_iso, ref_iso.affine, names[reference])
     timings["brain_extraction"] = time.perf_counter() - t
 
     to_reference = {reference: np.eye(4)}
     transforms: list[dict[str, Any]] = []
-    for i, m in enumerate(registered if registered is not None else volumes):
-        if m == reference or m not in volumes:
+    for i, m in enumerate(volumes):
+        if m == reference:
             continue
         if progress:
             progress("registration", i / max(1, len(volumes)))
@@ -497,15 +484,13 @@ def to_atlas(volumes: dict[str, Volume], extract: Extract, *, reference: str | N
                        ref_iso, mask_iso, to_reference, record)
 
 
-def from_atlas(volume: Volume, study: NativeStudy, grid: str, *, unit_range: bool = True) -> Volume:
-    """A volume on the atlas grid (a synthesized target) -> the native ``grid`` (a modality) or ``atlas``: B-spline
-    through the inverse transform, clipped to [0, 1] (``unit_range``), 0 outside the brain mask on that grid."""
+def from_atlas(volume: Volume, study: NativeStudy, grid: str) -> Volume:
+    """A [0, 1] volume on the atlas grid (a synthesized target) -> the native ``grid`` (a modality) or ``atlas``:
+    B-spline through the inverse transform, clipped to [0, 1], 0 outside the brain mask on that grid."""
     if grid == "atlas":
         return Volume(np.where(study.atlas_mask, volume.data, 0.0).astype(np.float32), ATLAS_AFFINE.copy(),
                       dict(volume.meta))
     shape, affine = study.grids[grid]
     data = resample(volume, np.linalg.inv(study.to_native[grid]), shape, affine, "bspline")
-    if unit_range:
-        data = np.clip(data, 0.0, 1.0)
-    data = np.where(study.mask_on(grid), data, 0.0).astype(np.float32)
+    data = np.where(study.mask_on(grid), np.clip(data, 0.0, 1.0), 0.0).astype(np.float32)
     return Volume(data, affine.copy(), dict(volume.meta))

@@ -18,8 +18,6 @@ import numpy as np
 
 from model.io.volume import Volume
 
-OUTPUT_GRIDS_FIXED = ("reference", "atlas")
-
 
 @dataclass
 class NativeResult:

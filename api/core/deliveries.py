@@ -27,25 +27,27 @@ class UnknownNode(ValueError):
     code = "unknown_node"
 
 
-def parse_nodes(raw: str | None, cfg: DicomSettings) -> list[str]:
-    """``NAME[,NAME]`` -> node names, each configured (UnknownNode otherwise); order kept, duplicates dropped."""
-    names = list(dict.fromkeys(n.strip() for n in (raw or "").split(",") if n.strip()))
+def node_names(raw: str | None) -> list[str]:
+    """``NAME[,NAME]`` -> node names; order kept, duplicates dropped."""
+    return list(dict.fromkeys(n.strip() for n in (raw or "").split(",") if n.strip()))
+
+
+def require_nodes(names: list[str], cfg: DicomSettings) -> None:
+    """UnknownNode naming every one of ``names`` that is not configured."""
     unknown = [n for n in names if n not in cfg.nodes]
     if unknown:
         raise UnknownNode(f"unknown DICOM node(s) {', '.join(unknown)} (configured: {', '.join(cfg.nodes) or 'none'}"
                           "; see MSGLDM_DICOM__NODES)")
-    return names
 
 
 def for_job(session: Session, job_id: str) -> list[Delivery]:
     return list(session.execute(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.node)).scalars())
 
 
-def make_due(session: Session, job_id: str) -> list[str]:
-    """The job succeeded: its pending deliveries are due now (ids, to publish); marks them published."""
-    now = utcnow()
-    ids = list(session.execute(select(Delivery.id).where(
-        Delivery.job_id == job_id, Delivery.status == DeliveryStatus.pending)).scalars())
+def _published(session: Session, query, now: datetime) -> list[str]:  # type: ignore[no-untyped-def]
+    """The ids ``query`` selects, each marked published (its next attempt in REPUBLISH_SECONDS, so that the
+    reaper leaves it alone for a while); committed."""
+    ids = list(session.execute(query).scalars())
     if ids:
         session.execute(update(Delivery).where(Delivery.id.in_(ids))
                         .values(next_attempt_at=now + timedelta(seconds=REPUBLISH_SECONDS), updated_at=now)
@@ -54,21 +56,19 @@ def make_due(session: Session, job_id: str) -> list[str]:
     return ids
 
 
+def make_due(session: Session, job_id: str) -> list[str]:
+    """The job succeeded: its pending deliveries are due now (ids, to publish); marks them published."""
+    return _published(session, select(Delivery.id).where(
+        Delivery.job_id == job_id, Delivery.status == DeliveryStatus.pending), utcnow())
+
+
 def due(session: Session, now: datetime | None = None) -> list[str]:
     """Pending deliveries of succeeded jobs whose next attempt is due (and not held by a live attempt); each is
-    marked published, so the next reaper pass leaves it alone for a while."""
+    marked published."""
     now = now or utcnow()
-    ids = list(session.execute(
-        select(Delivery.id).join(Job, Job.id == Delivery.job_id)
-        .where(Delivery.status == DeliveryStatus.pending, Delivery.next_attempt_at <= now,
-               Job.status == JobStatus.succeeded,
-               or_(Delivery.lease_expires_at.is_(None), Delivery.lease_expires_at < now))).scalars())
-    if ids:
-        session.execute(update(Delivery).where(Delivery.id.in_(ids))
-                        .values(next_attempt_at=now + timedelta(seconds=REPUBLISH_SECONDS))
-                        .execution_options(synchronize_session=False))
-    session.commit()
-    return ids
+    return _published(session, select(Delivery.id).join(Job, Job.id == Delivery.job_id).where(
+        Delivery.status == DeliveryStatus.pending, Delivery.next_attempt_at <= now, Job.status == JobStatus.succeeded,
+        or_(Delivery.lease_expires_at.is_(None), Delivery.lease_expires_at < now)), now)
 
 
 @dataclass(frozen=True)

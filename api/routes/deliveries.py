@@ -6,13 +6,13 @@ from fastapi import APIRouter
 
 from api.auth import require
 from api.core import audit, deliveries
-from api.core.jobs import JobNotFound
-from api.core.models import ApiKey, Job, JobStatus
+from api.core.models import ApiKey, JobStatus
 from api.core.queue import publish_delivery
 from api.core.settings import get_settings
 from api.deps import SessionDep
 from api.errors import ProblemError
-from api.routes.jobs import NOT_FOUND, to_public
+from api.pacs import require_configured
+from api.routes.jobs import NOT_FOUND, to_public, visible_job
 from api.schemas import PROBLEM_RESPONSES, JobPublic, Problem
 
 router = APIRouter(prefix="/api/v1/admin/jobs", tags=["admin"])
@@ -25,12 +25,8 @@ router = APIRouter(prefix="/api/v1/admin/jobs", tags=["admin"])
 def redeliver(job_id: str, node: str, session: SessionDep, key: ApiKey = require()) -> JobPublic:
     """Send the job's DICOM result to ``node`` (again): the delivery restarts with a fresh attempt budget. The same
     SOP Instance UIDs are sent, so the node keeps one copy."""
-    job = session.get(Job, job_id)
-    if job is None:
-        raise JobNotFound(f"no job {job_id}")
-    if node not in get_settings().dicom.nodes:
-        raise ProblemError(422, "unknown_node", f"unknown DICOM node {node!r} (configured: "
-                                                f"{', '.join(get_settings().dicom.nodes) or 'none'})")
+    job = visible_job(session, key, job_id)
+    require_configured([node], get_settings().dicom, "node")
     if job.status != JobStatus.succeeded or not any(n.endswith(".dicom.zip") for n in job.results):
         raise ProblemError(409, "job_not_succeeded", f"job {job_id} is {job.status} and has no DICOM result to send")
     row = deliveries.redeliver(session, job, node)
