@@ -27,9 +27,9 @@ from functools import lru_cache
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from api.core.errors import ProblemError, unavailable
 from api.core.models import ApiKey, Job, JobStatus, RateCounter
 from api.core.settings import get_settings
-from api.errors import ProblemError, unavailable
 
 log = logging.getLogger(__name__)
 WINDOW = 60

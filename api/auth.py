@@ -1,36 +1,17 @@
-"""API keys: ``Authorization: Bearer <key>``; only a SHA-256 of each key is stored (keys are 256-bit random)."""
+"""Authentication: ``Authorization: Bearer <key>`` (keys: ``api/core/keys.py``) and the role dependencies."""
 
 from __future__ import annotations
 
-import hashlib
-import secrets
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from api import admission
-from api.core.models import ApiKey, Role, utcnow
+from api.core.errors import ProblemError
+from api.core.keys import KeyRefused, active_key
+from api.core.models import ApiKey, Role
 from api.core.settings import get_settings
 from api.deps import SessionDep
-from api.errors import ProblemError
-
-KEY_PREFIX = "msk_"
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def create_key(session: Session, *, name: str, role: Role, expires_at: datetime | None = None) -> tuple[ApiKey, str]:
-    """Create a key; the plain key is returned once and never stored."""
-    plain = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(name=name, role=role, prefix=plain[:12], key_hash=hash_key(plain), expires_at=expires_at)
-    session.add(row)
-    session.commit()
-    return row, plain
 
 
 def _unauthorized(detail: str) -> ProblemError:
@@ -42,11 +23,10 @@ def current_key(request: Request, session: SessionDep) -> ApiKey:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized("send an API key as 'Authorization: Bearer <key>'")
-    row = session.execute(select(ApiKey).where(ApiKey.key_hash == hash_key(token.strip()))).scalar_one_or_none()
-    if row is None or row.revoked_at is not None:
-        raise _unauthorized("the API key is not valid")
-    if row.expires_at is not None and row.expires_at <= utcnow():
-        raise _unauthorized("the API key has expired")
+    try:
+        row = active_key(session, token.strip())
+    except KeyRefused as exc:
+        raise _unauthorized(str(exc)) from None
     request.state.key_id = row.id
     admission.hit(session, f"key:{row.id}", get_settings().api.rate_limit_per_minute)
     return row

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from sqlalchemy import or_, select
 
-from api.auth import create_key
 from api.core import audit
 from api.core.db import session_scope
+from api.core.keys import create_key
 from api.core.models import ApiKey, Role, utcnow
 
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import yaml
 
+from api.core.errors import ProblemError
 from api.core.settings import ROOT, get_settings
-from api.core.storage import Storage
+from api.core.storage import Storage, download_prefix
 from api.core.training import DATASET_LAYOUTS as LAYOUTS
-from api.errors import ProblemError
 from api.schemas import DatasetReport, DatasetSpec
 
 PRESETS = ROOT / "model" / "presets"
@@ -28,14 +28,6 @@ def preset_modalities(preset: str) -> list[str]:
         known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
         raise ProblemError(422, "unknown_preset", f"no preset {preset!r}; known presets: {', '.join(known)}")
     return list(yaml.safe_load(path.read_text()).get("modalities") or [])
-
-
-def _download_prefix(storage: Storage, prefix: str, dest: Path) -> list[str]:
-    prefix = prefix if prefix.endswith("/") else prefix + "/"
-    keys = storage.list_keys(prefix)
-    for key in keys:
-        storage.get_file(key, dest / key[len(prefix):])
-    return keys
 
 
 def _run_checker(roots: list[str], layout: str) -> dict[str, Any] | str:
@@ -57,7 +49,7 @@ def validate(spec: DatasetSpec, storage: Storage, modalities: list[str] | None =
         raise ProblemError(422, "invalid_request", f"unknown layout {spec.layout!r}: expected brats, wmh or ixi")
     with tempfile.TemporaryDirectory(prefix="msgldm-dataset-") as tmp:
         if spec.prefix is not None:
-            if not _download_prefix(storage, spec.prefix, Path(tmp)):
+            if not download_prefix(storage, spec.prefix, Path(tmp)):
                 return DatasetReport(valid=False, cases=0, modalities={}, labels={},
                                      problems=[f"no objects under the prefix {spec.prefix!r}"])
             root = tmp

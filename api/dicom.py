@@ -18,17 +18,18 @@ import re
 import stat
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
 
+from api.core.errors import ProblemError
 from api.core.sandbox import SandboxError, run_limited
-from api.core.settings import ApiSettings, DicomSettings
-from api.errors import ProblemError
+from api.core.settings import ApiSettings, DicomSettings, Settings
+from api.core.storage import job_input_key
 
 ZIP_MAGIC = b"PK\x03\x04"
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".7z", ".rar")
@@ -79,7 +80,7 @@ class DicomUpload:
         for m, series in self.series.items():
             keys = []
             for i, df in enumerate(series.files):
-                obj_key = f"jobs/{job_id}/inputs/{m}/{i:05d}.dcm"
+                obj_key = job_input_key(job_id, f"{m}/{i:05d}.dcm")
                 df.file.seek(0)
                 storage.put_stream(obj_key, df.file, df.bytes)
                 keys.append(obj_key)
@@ -295,6 +296,23 @@ def inspect_dicom_upload_limited(uploads: Sequence[tuple[str, BinaryIO]], *, mod
         for _, f in uploads:  # on-disk spooled uploads share their file offset with the child
             f.seek(0)
     return inspect_dicom_upload(uploads, modalities=modalities, series_map=series_map, cfg=cfg, max_voxels=max_voxels)
+
+
+@contextlib.contextmanager
+def inspected_files(paths: Sequence[Path], *, modalities: Sequence[str], settings: Settings) -> Iterator[DicomUpload]:
+    """DICOM files on disk (a pulled or received study) inspected as an upload is (no series_map: the rules
+    decide), under the API's limits; the files and the upload are closed on exit."""
+    handles = [(p.name, p.open("rb")) for p in paths]
+    try:
+        upload = inspect_dicom_upload_limited(handles, modalities=modalities, series_map=None, cfg=settings.dicom,
+                                              max_voxels=settings.api.max_volume_voxels, limits=settings.api)
+        try:
+            yield upload
+        finally:
+            upload.close()
+    finally:
+        for _, f in handles:
+            f.close()
 
 
 def _prefer_3d(chosen: dict[str, list[tuple[str, list[DicomFile]]]], found: list[dict[str, Any]]) -> None:

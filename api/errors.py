@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,7 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.core.errors import NotFound
+from api.core.errors import NotFound, ProblemError, unavailable
 from api.core.leases import InvalidTransition
 from api.core.queue import BrokerUnavailable
 from api.core.registry import PromotionRefused
@@ -21,26 +20,10 @@ log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
 
 
-class ProblemError(Exception):
-    """An error the API answers with; ``code`` is stable and documented in docs/errors.md."""
-
-    def __init__(self, status: int, code: str, detail: str, *, title: str | None = None,
-                 headers: dict[str, str] | None = None, **extra: Any) -> None:
-        super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
-        self.title = title or code.replace("_", " ").capitalize()
-        self.headers = headers or {}
-        self.extra = extra
-
-
 def problem_response(request: Request, err: ProblemError) -> JSONResponse:
     body = {"type": f"/problems/{err.code}", "title": err.title, "status": err.status, "detail": err.detail,
             "code": err.code, "instance": request.url.path, **err.extra}
     return JSONResponse(body, status_code=err.status, media_type=PROBLEM, headers=err.headers)
-
-
-def unavailable(code: str, detail: str) -> ProblemError:
-    return ProblemError(503, code, detail, title="Service unavailable", headers={"Retry-After": "5"})
 
 
 def install(app: FastAPI) -> None:

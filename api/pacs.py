@@ -7,8 +7,8 @@ import re
 from typing import Any
 
 from api.core.deliveries import UnknownNode, node_names, require_nodes
+from api.core.errors import ProblemError
 from api.core.settings import DicomSettings
-from api.errors import ProblemError
 
 PULL_FIELDS = ("source_node", "study_uid", "series_uids")
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # DICOM UI: digits and dots, at most 64 characters

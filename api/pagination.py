@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import Session
 
+from api.core.errors import ProblemError
 from api.core.models import Leased
-from api.errors import ProblemError
 
 Row = TypeVar("Row", bound=Leased)
 

@@ -21,9 +21,9 @@ import nibabel as nib
 import numpy as np
 from nibabel.volumeutils import endian_codes
 
+from api.core.errors import ProblemError
 from api.core.sandbox import Rejected, SandboxError, run_limited
 from api.core.settings import get_settings
-from api.errors import ProblemError
 
 GZIP_MAGIC = b"\x1f\x8b"
 BLOCK = 1024 * 1024

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from model.baselines import QUANTILE_LEVELS, histogram_match
-from model.dataset import SliceDataset
 from model.msgldm import MSGLDM
+from model.slices import SliceDataset
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from model.checkpoint import load_checkpoint, read_config, save_checkpoint
 from model.config import MSGLDMConfig, load_preset
 from model.data import find_cases, split_cases
-from model.dataset import ModalityMasker, SliceDataset
 from model.losses import (
     adain_kl,
     adaptive_gan_weight,
@@ -43,6 +42,7 @@ from model.losses import (
     style_consistency_loss,
 )
 from model.msgldm import MSGLDM
+from model.slices import ModalityMasker, SliceDataset
 
 log = logging.getLogger("model.train")
 

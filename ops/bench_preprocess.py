@@ -8,9 +8,10 @@
    SRI24, four resamplings into the atlas grid. Seconds per step and in all, the load average, threads.
 2. **Quality** (``--quality``): what the API test does (tests/service/test_raw_study.py): FLAIR withheld, the
    shipped default model synthesizes it from T1 and T2 in atlas space at its default steps (seed 0), the result
-   is mapped onto the FLAIR's grid and scored against the acquired FLAIR in the brain mask on that grid (PSNR
-   over the mask, SSIM 3D; worker.report.score); beside it the nearest-modality baseline (fitted on the model's
-   16 training cases, metrics.json -> split) run on the same atlas-space inputs and mapped back the same way.
+   is mapped onto the FLAIR's grid and scored against the acquired FLAIR in the brain mask on that grid (the
+   BraSyn protocol, as a job's report scores a raw study: worker.report.native_scores); beside it the
+   nearest-modality baseline (fitted on the model's 16 training cases, metrics.json -> split) run on the same
+   atlas-space inputs and mapped back the same way.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def quality() -> dict:
     from model.data import find_cases
     from model.pipeline import Synthesizer
     from worker import native as worker_native
-    from worker.report import score
+    from worker.report import native_scores
 
     study = read_study(["t1", "t2", "flair"])
     synth = Synthesizer.from_pretrained(ROOT / "model" / "default")
@@ -73,20 +74,20 @@ def quality() -> dict:
                                        progress=lambda *_: None, seed=0)
     seconds = time.perf_counter() - t
     reference, mask = result.reference_arrays["flair"], result.brain_mask
-    _, model_scores = score(result.volumes["flair"].data, reference, mask)
+    model_scores = native_scores(result.volumes, {"flair": reference}, mask)[0]["flair"]
     split = json.loads((ROOT / "model" / "default" / "metrics.json").read_text())["split"]
     cases = [c for c in find_cases([DATA / "brats2018_deepbrainseg"]) if c.id in set(split["train"])]
     nearest = NearestModalityBaseline.fit(cases, synth.modalities)
     ns = result.native  # the same atlas-space inputs and transforms as the model's
     base_atlas = nearest.synthesize({m: ns.atlas_volumes[m] for m in ("t1", "t2")}, ["flair"])["flair"]
     base = native.from_atlas(base_atlas, ns, "flair")
-    _, base_scores = score(base.data, reference, ns.mask_on("flair"))
+    base_scores = native_scores({"flair": base}, {"flair": reference}, ns.mask_on("flair"))[0]["flair"]
     return {"model_version": synth.version, "steps": synth.default_steps, "seed": 0, "inputs": ["t1", "t2"],
             "target": "flair", "output_grid": "flair (256x256x26, 0.9x0.9x6 mm)", "seconds": round(seconds, 1),
             "msgldm": model_scores, "nearest_modality": {**base_scores, "source": nearest.source_for("flair",
                                                                                                   ["t1", "t2"])},
             "brain_mask_voxels_on_flair_grid": int(mask.sum()), "preprocessing": {
-                k: record[k] for k in ("mode", "reference_series", "brain_mask", "registration_check")}}
+                k: record[k] for k in ("mode", "reference_series", "brain_mask", "transforms", "registration_check")}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ def bootstrap_key() -> str:
     key_file = VAR / "api-key"
     if key_file.exists():
         return key_file.read_text().strip()
-    from api.auth import create_key
+    from api.core.keys import create_key
 
     with session_scope() as session:
         _, plain = create_key(session, name="bootstrap admin (make run)", role=Role.admin)

@@ -13,6 +13,7 @@ recognise) is kept under ``refused/`` with the reason, for an operator.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -23,9 +24,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
+from api.core.db import session_scope
+from api.core.errors import ProblemError
+from api.core.keys import KeyRefused, active_key
 from api.core.settings import get_settings
+from api.core.storage import get_storage
+from api.dicom import inspected_files
+from api.submission import create_job, parse_request, served_modalities
 
 log = logging.getLogger("worker.listener")
 
@@ -86,10 +91,15 @@ class Spool:
                     taken.append(dest)
         return taken
 
-    def give_back(self, folder: Path, study_uid: str) -> None:
+    @staticmethod
+    def study_uid(folder: Path) -> str:
+        """The StudyInstanceUID of a folder take_stable made (``processing-{uid}-{random}``)."""
+        return folder.name.split("-", 1)[1].rsplit("-", 1)[0]
+
+    def give_back(self, folder: Path) -> None:
         """A job could not be made for a transient reason: the study waits for the next pass."""
         with self._lock:
-            dest = self.studies / study_uid
+            dest = self.studies / self.study_uid(folder)
             dest.mkdir(exist_ok=True)
             for f in folder.iterdir():
                 f.replace(dest / f.name)
@@ -98,23 +108,12 @@ class Spool:
     def recover(self) -> None:
         """Studies being made into jobs when a previous process died go back (job creation is idempotent)."""
         for folder in self.root.glob("processing-*"):
-            self.give_back(folder, folder.name.split("-", 1)[1].rsplit("-", 1)[0])
+            self.give_back(folder)
 
 
 def make_job(folder: Path, study_uid: str) -> tuple[str | None, str]:
     """A complete study -> a job, as ``POST /synthesize`` with the study's files would; (job id, what happened).
     Raises ProblemError (422: refused) for the study, other errors when the service is not available."""
-    import hashlib
-
-    from api.auth import hash_key
-    from api.core import registry
-    from api.core.db import session_scope
-    from api.core.models import ApiKey
-    from api.core.serving import serving_modalities
-    from api.core.storage import get_storage
-    from api.dicom import inspect_dicom_upload_limited
-    from api.errors import ProblemError
-    from api.routes.synthesize import create_job, parse_request
 
     settings = get_settings()
     cfg = settings.dicom
@@ -122,39 +121,26 @@ def make_job(folder: Path, study_uid: str) -> tuple[str | None, str]:
     if cfg.listener_api_key is None:
         raise ProblemError(503, "listener_unconfigured", "MSGLDM_DICOM__LISTENER_API_KEY(_FILE) is not set")
     digest = hashlib.sha256("".join(p.name for p in files).encode()).hexdigest()[:32]
-    handles = [(p.name, p.open("rb")) for p in files]
-    try:
-        with session_scope() as session:
-            key = session.execute(select(ApiKey).where(
-                ApiKey.key_hash == hash_key(cfg.listener_api_key.get_secret_value()),
-                ApiKey.revoked_at.is_(None))).scalar_one_or_none()
-            if key is None:
-                raise ProblemError(503, "listener_unconfigured", "the listener's API key is unknown or revoked")
-            served = registry.serving(session)
-            modalities = tuple(served.modalities) if served is not None and served.modalities \
-                else serving_modalities()
-            upload = inspect_dicom_upload_limited(handles, modalities=modalities, series_map=None, cfg=cfg,
-                                                  max_voxels=settings.api.max_volume_voxels, limits=settings.api)
-            try:
-                targets = "" if cfg.auto_targets.strip().lower() == "missing" else cfg.auto_targets
-                fields = {"targets": targets, "formats": "nifti,dicom", "deliver_to": cfg.auto_deliver_to,
-                          "preprocess": cfg.auto_preprocess}
-                req = parse_request({}, fields, modalities, upload)
-                job = create_job(session, get_storage(), key, {}, req, f"listener:{study_uid[:64]}:{digest}", upload)
-            finally:
-                upload.close()
-            return job.id, f"{len(files)} instance(s), inputs {', '.join(req['inputs'])}, targets " \
-                           f"{', '.join(req['targets'])}"
-    finally:
-        for _, f in handles:
-            f.close()
+    with session_scope() as session:
+        try:
+            key = active_key(session, cfg.listener_api_key.get_secret_value())
+        except KeyRefused as exc:
+            raise ProblemError(503, "listener_unconfigured", f"the listener's key: {exc}") from None
+        modalities = served_modalities(session)
+        with inspected_files(files, modalities=modalities, settings=settings) as upload:
+            targets = "" if cfg.auto_targets.strip().lower() == "missing" else cfg.auto_targets
+            fields = {"targets": targets, "formats": "nifti,dicom", "deliver_to": cfg.auto_deliver_to,
+                      "preprocess": cfg.auto_preprocess}
+            submission = parse_request(fields, modalities=modalities, dicom=upload)
+            job = create_job(session, get_storage(), key=key, submission=submission, dicom=upload,
+                             idempotency_key=f"listener:{study_uid[:64]}:{digest}")
+        return job.id, f"{len(files)} instance(s), inputs {', '.join(submission.inputs)}, targets " \
+                       f"{', '.join(submission.targets)}"
 
 
 def process_stable(spool: Spool) -> None:
-    from api.errors import ProblemError
-
     for folder in spool.take_stable(get_settings().dicom.stable_seconds):
-        study_uid = folder.name.split("-", 1)[1].rsplit("-", 1)[0]
+        study_uid = spool.study_uid(folder)
         try:
             job_id, what = make_job(folder, study_uid)
         except ProblemError as exc:
@@ -165,11 +151,11 @@ def process_stable(spool: Spool) -> None:
                 log.warning("study %s refused: %s (%s)", study_uid, exc.code, exc.detail)
                 continue
             log.warning("study %s: no job yet (%s); retrying", study_uid, exc.code)
-            spool.give_back(folder, study_uid)
+            spool.give_back(folder)
             continue
         except Exception:  # noqa: BLE001 - database or storage down: the study waits
             log.warning("study %s: no job yet; retrying", study_uid, exc_info=True)
-            spool.give_back(folder, study_uid)
+            spool.give_back(folder)
             continue
         shutil.rmtree(folder, ignore_errors=True)
         log.info("study %s complete: job %s (%s)", study_uid, job_id, what)

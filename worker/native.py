@@ -20,8 +20,9 @@ from model.io.volume import Volume
 
 
 @dataclass
-class NativeResult:
-    """Duck-types :class:`model.pipeline.SynthesisResult` for the result writers, plus the report's inputs."""
+class JobResult:
+    """What one synthesis hands to the result writers and the report: the model's
+    :class:`model.pipeline.SynthesisResult` fields, plus, for a raw study, what the report needs of the chain."""
 
     volumes: dict[str, Volume]
     uncertainty: dict[str, Volume] | None
@@ -34,7 +35,7 @@ class NativeResult:
 
 
 def run(synth: Any, study: dict[str, Volume], targets: list[str], *, preprocess: str, output_grid: str,
-        progress: Callable[[str, float], None], **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        progress: Callable[[str, float], None], **kwargs: Any) -> tuple[JobResult, dict[str, Any]]:
     """Synthesize ``targets`` from ``study`` (references included: they are withheld from the model) and return the
     result and the record's ``preprocessing`` section."""
     from model import native
@@ -45,7 +46,8 @@ def run(synth: Any, study: dict[str, Volume], targets: list[str], *, preprocess:
     decision = {"requested": preprocess, "mode": mode, "brats_like": brats_like, "reasons": reasons,
                 "output_grid": output_grid}
     if mode == "none":
-        result = synth.synthesize(given, targets, progress=progress, **kwargs)
+        inner = synth.synthesize(given, targets, progress=progress, **kwargs)
+        result = JobResult(inner.volumes, inner.uncertainty, inner.timings, inner.meta)
         if output_grid != "reference":
             decision["note"] = f"output_grid {output_grid!r} ignored: without preprocessing every output lies on " \
                                f"the reference input's grid"
@@ -54,7 +56,7 @@ def run(synth: Any, study: dict[str, Volume], targets: list[str], *, preprocess:
 
 
 def _full(synth: Any, study: dict[str, Volume], given: dict[str, Volume], targets: list[str], output_grid: str,
-          progress: Callable[[str, float], None], decision: dict[str, Any], **kwargs: Any) -> tuple[Any, dict]:
+          progress: Callable[[str, float], None], decision: dict[str, Any], **kwargs: Any) -> tuple[JobResult, dict]:
     from model import native
     from model.brain_extraction import describe, extract_brain
 
@@ -88,7 +90,7 @@ def _full(synth: Any, study: dict[str, Volume], given: dict[str, Volume], target
     record["versions"] |= {"deepbet": describe()["version"]}
     record["registration_check"] = registration_check(ns)
     preview = preview_png(ns, inner, atlas_inputs)
-    return NativeResult(volumes, uncertainty, {**inner.timings, "preprocess": ns.record["timings_seconds"]["total"]},
+    return JobResult(volumes, uncertainty, {**inner.timings, "preprocess": ns.record["timings_seconds"]["total"]},
                         meta, mask, references, preview, ns), record
 
 

@@ -22,10 +22,13 @@ from sqlalchemy import update
 
 from api.core import deliveries
 from api.core.db import session_scope
+from api.core.errors import ProblemError
 from api.core.models import Job
 from api.core.queue import DELIVER_TASK, publish_delivery
 from api.core.settings import DicomNode, get_settings
 from api.core.storage import get_storage
+from api.dicom import inspected_files
+from api.submission import pulled_targets
 from worker.app import app
 
 log = logging.getLogger(__name__)
@@ -342,9 +345,6 @@ def deliver(delivery_id: str) -> None:
 def fetch_study(job: Job, token: str, modalities: Sequence[str], workdir: Path) -> Job:
     """A pull job's first attempt: retrieve the study, check it as an upload is checked, store it as uploads are,
     and record it in the job row (inputs, targets, source.fetched). Returns the updated job."""
-    from api.dicom import inspect_dicom_upload_limited
-    from api.errors import ProblemError
-
     settings = get_settings()
     source = dict(job.source or {})
     node = settings.dicom.nodes.get(source.get("node", ""))
@@ -360,27 +360,13 @@ def fetch_study(job: Job, token: str, modalities: Sequence[str], workdir: Path) 
         raise PullError("pull_failed", f"{source['node']}: {type(exc).__name__}: {exc}") from None
     if not paths:
         raise PullError("study_not_found", f"{source['node']} returned no instance of study {source['study_uid']}")
-    handles = [(p.name, p.open("rb")) for p in paths]
     try:
-        try:
-            upload = inspect_dicom_upload_limited(handles, modalities=modalities, series_map=None, cfg=settings.dicom,
-                                                  max_voxels=settings.api.max_volume_voxels, limits=settings.api)
-        except ProblemError as exc:
-            raise PullError(exc.code, f"the study from {source['node']}: {exc.detail}") from None
-        try:
+        with inspected_files(paths, modalities=modalities, settings=settings) as upload:
             stored = upload.store(get_storage(), job.id)
-        finally:
-            upload.close()
-    finally:
-        for _, f in handles:
-            f.close()
-    inputs = {m: stored[m] for m in modalities if m in stored}
-    targets = list(job.targets) or [m for m in modalities if m not in inputs]
-    if not targets:
-        raise PullError("nothing_to_synthesize", "the study has every modality of the model")
-    bad = [t for t in targets if t in inputs]
-    if bad:
-        raise PullError("target_supplied", f"target(s) {', '.join(bad)} are in the pulled study")
+        inputs = {m: stored[m] for m in modalities if m in stored}
+        targets = pulled_targets(list(job.targets), inputs, modalities)
+    except ProblemError as exc:  # the study is refused as an upload would be
+        raise PullError(exc.code, f"the study from {source['node']}: {exc.detail}") from None
     source["fetched"] = {"instances": len(paths), "bytes": sum(p.stat().st_size for p in paths),
                          "series": {m: info["series_instance_uid"] for m, info in inputs.items()}}
     with session_scope() as session:

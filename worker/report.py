@@ -2,7 +2,7 @@
 of inputs | synthesized | uncertainty | reference in three orthogonal planes) and a self-contained ``report.html``.
 
 Called once from ``worker.tasks._write_results``; it adds ``validation`` to the record before record.json is
-written and returns the result files it stored (name -> storage key).
+written and returns the files it wrote (name -> local path), which the caller stores with the other results.
 """
 
 from __future__ import annotations
@@ -18,61 +18,93 @@ from typing import Any
 import numpy as np
 
 from api.core.models import Job
-from api.core.storage import Storage
+from worker.native import JobResult
 
 PLANES = ("axial", "coronal", "sagittal")
 BANNER = "SYNTHETIC - not for primary diagnosis"
-PROTOCOL = ("reference normalised to [0, 1] inside the inputs' brain mask (0.5-99.5 percentile clip, as the model "
-            "normalises its inputs); PSNR over the brain mask, SSIM 3D over the volume (model/metrics.py)")
-NATIVE_PROTOCOL = ("raw study: synthesized and acquired target on the output grid (the acquired one moved there by "
-                   "its rigid registration when that is another series' grid); reference normalised to [0, 1] inside "
-                   "the deepbet brain mask mapped onto that grid; PSNR over that mask, SSIM 3D over the volume")
+NATIVE = ("raw study: synthesized and acquired target on the output grid (the acquired one moved there by its rigid "
+          "registration when that is another series' grid), brain = the deepbet mask mapped onto that grid, the "
+          "acquired target masked to it; ")
 
 
-def write_report(job: Job, result: Any, record: dict[str, Any], study: dict[str, Any], workdir: Path,
-                 storage: Storage, prefix: str) -> dict[str, str]:
-    """Score against references, draw the montage, write the HTML; returns ``{result name: storage key}``."""
+def write_report(job: Job, result: JobResult, record: dict[str, Any], study: dict[str, Any], workdir: Path, *,
+                 preprocess_cfg: Any, modalities: tuple[str, ...]) -> dict[str, Path]:
+    """Score against references, draw the montage, write the HTML; returns ``{result name: local file}``.
+
+    Validation metrics are the registry's (``model.protocols``, as ``python -m model.evaluate`` scores a model
+    version): both protocols for a study on the model's grid (``preprocess_cfg``, ``modalities``: the serving
+    model's), the BraSyn protocol (defined on the original grid) for a raw study on its output grid."""
     from model.io.nifti import write_nifti
     from model.io.volume import Volume
+    from model.protocols import paper_reference
 
     t0 = time.perf_counter()
     inputs = {m: v for m, v in study.items() if m not in job.targets}
     references = {m: v for m, v in study.items() if m in job.targets}
-    native_mask = getattr(result, "brain_mask", None)  # raw studies (worker/native.py): the mask on the output grid
+    native_mask = result.brain_mask  # raw studies (worker/native.py): the mask on the output grid
     brain = native_mask if native_mask is not None else np.logical_or.reduce(
-        [np.asarray(v.data) > 0 for v in inputs.values()])
-    acquired = getattr(result, "reference_arrays", {})  # raw studies: each reference on the output grid
+        [np.asarray(v.data) > 0 for v in study.values()])  # as model.evaluate: every volume of the case
     files: dict[str, Path] = {}
     normalized: dict[str, np.ndarray] = {}
     if references:
-        protocol = PROTOCOL if native_mask is None else NATIVE_PROTOCOL
-        record["validation"] = {"protocol": protocol, "metrics": {}}
+        if native_mask is None:
+            metrics, protocol = study_scores(result.volumes, references, study, brain, preprocess_cfg, modalities)
+        else:
+            metrics, protocol = native_scores(result.volumes, {m: result.reference_arrays.get(m, ref.data)
+                                                               for m, ref in references.items()}, brain)
+        record["validation"] = {"protocol": protocol, "metrics": metrics}
         for m, ref in references.items():
-            normalized[m], record["validation"]["metrics"][m] = score(result.volumes[m].data,
-                                                                      acquired.get(m, ref.data), brain)
+            acquired = result.reference_arrays.get(m, ref.data)
+            normalized[m] = paper_reference(acquired, brain, preprocess_cfg.clip_percentiles)  # the model's scale
             files[f"{m}.reference.nii.gz"] = write_nifti(
                 Volume(normalized[m].astype(np.float32), result.volumes[m].affine, {}),
                 workdir / f"{m}.reference.nii.gz")
     files["preview.png"] = workdir / "preview.png"
-    files["preview.png"].write_bytes(getattr(result, "preview_png", None) or montage(inputs, result, normalized))
+    files["preview.png"].write_bytes(result.preview_png or montage(inputs, result, normalized))
     record.setdefault("timings_seconds", {})["report"] = time.perf_counter() - t0
     files["report.html"] = workdir / "report.html"
     files["report.html"].write_text(report_html(record, files["preview.png"].read_bytes()), encoding="utf-8")
-    keys = {}
-    for name, path in files.items():
-        storage.put_file(f"{prefix}/{name}", path)
-        keys[name] = f"{prefix}/{name}"
-    return keys
+    return files
 
 
-def score(synthesized: np.ndarray, reference: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
-    """The reference on the model's [0, 1] scale, and PSNR (dB, brain mask) and SSIM (3D) of the synthesis."""
-    from model.metrics import normalize_in_mask, psnr, ssim
+def study_scores(volumes: dict[str, Any], references: dict[str, Any], study: dict[str, Any], brain: np.ndarray,
+                 preprocess_cfg: Any, modalities: tuple[str, ...]) -> tuple[dict[str, dict[str, float]], str]:
+    """Both protocols of ``model.protocols`` per target, on the model's grid: the numbers of ``model.evaluate``."""
+    from model.protocols import (
+        BRASYN,
+        PAPER,
+        brasyn_protocol,
+        brasyn_reference,
+        paper_protocol,
+        paper_reference,
+        paper_window,
+    )
 
-    y = normalize_in_mask(np.asarray(reference, dtype=np.float64), brain)
-    p = np.asarray(synthesized, dtype=np.float64)
-    return y, {"psnr": round(psnr(p, y, 1.0, mask=brain), 4), "ssim": round(ssim(p, y, 1.0), 5),
-               "mae": round(float(np.abs(p - y)[brain].mean()), 6) if brain.any() else float("nan")}
+    window = paper_window(study, modalities, preprocess_cfg)
+    metrics = {}
+    for m, ref in references.items():
+        pred = np.asarray(volumes[m].data, dtype=np.float64)
+        reference = paper_reference(ref.data, brain, preprocess_cfg.clip_percentiles)
+        metrics[m] = _rounded({**paper_protocol(pred, reference, brain, window),
+                               **brasyn_protocol(pred, brasyn_reference(ref.data), brain)})
+    return metrics, f"{PAPER}; {BRASYN}"
+
+
+def native_scores(volumes: dict[str, Any], acquired: dict[str, np.ndarray], brain: np.ndarray
+                  ) -> tuple[dict[str, dict[str, float]], str]:
+    """The BraSyn protocol per target of a raw study, on its output grid. BraSyn's volumes are skull-stripped, the
+    acquired target is not: it is masked to the brain first (as the synthesis is), else the skull and fat would
+    set its percentile normalisation."""
+    from model.protocols import BRASYN, brasyn_protocol, brasyn_reference
+
+    metrics = {m: _rounded(brasyn_protocol(np.asarray(volumes[m].data, dtype=np.float64),
+                                           brasyn_reference(np.where(brain, ref, 0.0)), brain))
+               for m, ref in acquired.items()}
+    return metrics, NATIVE + BRASYN
+
+
+def _rounded(scores: dict[str, float]) -> dict[str, float]:
+    return {k: v if isinstance(v, int) else round(float(v), 5) for k, v in scores.items()}
 
 
 def _canonical(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -123,6 +155,15 @@ def montage(inputs: dict[str, Any], result: Any, references: dict[str, np.ndarra
     return buf.getvalue()
 
 
+def metrics_line(v: dict[str, float]) -> str:
+    """One target's validation metrics as the report and the job page show them."""
+    parts = []
+    if "paper_psnr" in v:
+        parts.append(f"paper 2D: PSNR {v['paper_psnr']:.2f} dB, SSIM {v['paper_ssim']:.4f}, MAE {v['mae']:.4f}")
+    parts.append(f"BraSyn 3D: PSNR {v['brasyn_psnr']:.2f} dB, SSIM {v['brasyn_ssim']:.4f}")
+    return "; ".join(parts)
+
+
 def _table(rows: list[tuple[str, Any]]) -> str:
     body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
@@ -143,8 +184,7 @@ def report_html(record: dict[str, Any], preview_png: bytes) -> str:
     parts = [f"<h2>Job</h2>{_table(about)}", f"<h2>Input checks</h2>{_table(checks)}"]
     validation = record.get("validation")
     if validation:
-        rows = [(m, f"PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}, MAE {v['mae']:.4f}")
-                for m, v in validation["metrics"].items()]
+        rows = [(m, metrics_line(v)) for m, v in validation["metrics"].items()]
         parts.append(f"<h2>Validation against the uploaded reference</h2>{_table(rows)}"
                      f"<p class=note>{html.escape(validation['protocol'])}</p>")
     pre = record.get("preprocessing") or {}

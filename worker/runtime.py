@@ -25,7 +25,7 @@ from api.core.leases import Claim, Leases
 from api.core.models import WorkerHeartbeat, utcnow
 from api.core.queue import publish_synthesis, publish_training
 from api.core.settings import get_settings
-from api.core.storage import get_storage
+from api.core.storage import attempt_prefix, download_prefix, get_storage
 
 if TYPE_CHECKING:
     from model.pipeline import Synthesizer
@@ -78,8 +78,7 @@ def _fetch(version: str, prefix: str) -> Path:
     tmp = dest.with_name(f".{version}.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     storage = get_storage()
-    for key in storage.list_keys(prefix):
-        storage.get_file(key, tmp / key[len(prefix):])
+    download_prefix(storage, prefix, tmp)
     if not (tmp / "config.json").is_file():
         from model.errors import CheckpointError
 
@@ -152,7 +151,7 @@ def reap() -> None:
     for job_id in requeued + stale:
         publish_synthesis(job_id)
     for job_id in failed:  # failed or cancelled for good: partial results of dead attempts go
-        get_storage().delete_prefix(f"jobs/{job_id}/attempt-")
+        get_storage().delete_prefix(attempt_prefix(job_id))
     if requeued or failed or stale:
         log.warning("reaper: re-queued %s, failed %s, re-published %s", requeued, failed, stale)
     with session_scope() as session:

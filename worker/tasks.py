@@ -18,7 +18,7 @@ from api.core.db import session_scope
 from api.core.models import Job
 from api.core.queue import SYNTHESIZE_TASK, publish_synthesis
 from api.core.settings import get_settings
-from api.core.storage import StorageError, get_storage
+from api.core.storage import StorageError, attempt_prefix, get_storage
 from model import errors as model_errors
 from worker import files, native, pacs, runtime
 from worker.app import app
@@ -86,20 +86,20 @@ class Lease:
                     log.warning("lease renewal of %s failed", self.claim.id, exc_info=True)
 
 
-def _write_results(job: Job, claim: jobs.Claim, result: Any, record: dict[str, Any], workdir: Path,
-                   study: dict[str, Any]) -> dict[str, str]:
+def _write_results(job: Job, claim: jobs.Claim, result: native.JobResult, record: dict[str, Any], workdir: Path,
+                   study: dict[str, Any], synth: Any) -> dict[str, str]:
+    """Every result file (outputs, inputs as NIfTI, the report and record.json) under the attempt's prefix;
+    returns ``{result name: storage key}``."""
+    paths = files.write_result_files(job, result, study, workdir)
+    paths |= write_report(job, result, record, study, workdir,  # validation metrics, preview.png, report.html
+                          preprocess_cfg=synth.config.preprocess, modalities=synth.modalities)
+    paths["record.json"] = workdir / "record.json"
+    paths["record.json"].write_text(json.dumps(record, indent=2, default=str))
+    prefix = attempt_prefix(job.id, claim.attempt)
     storage = get_storage()
-    prefix = f"jobs/{job.id}/attempt-{claim.attempt}"
-    results: dict[str, str] = {}
-    for name, path in files.write_result_files(job, result, study, workdir).items():
-        storage.put_file(f"{prefix}/{name}", path)
-        results[name] = f"{prefix}/{name}"
-    results |= write_report(job, result, record, study, workdir, storage, prefix)  # preview.png, report.html
-    record_path = workdir / "record.json"
-    record_path.write_text(json.dumps(record, indent=2, default=str))
-    storage.put_file(f"{prefix}/record.json", record_path)
-    results["record.json"] = f"{prefix}/record.json"
-    return results
+    for name, path in paths.items():
+        storage.put_file(prefix + name, path)
+    return {name: prefix + name for name in paths}
 
 
 def run_job(job_id: str) -> str:
@@ -144,27 +144,27 @@ def run_job(job_id: str) -> str:
                 "samples": job.samples, "targets": job.targets,
                 "inputs": files.input_record(job, study),
                 "timings_seconds": timings,
-                "synthesis": getattr(result, "meta", {}),  # reference modality, slices, eta, warnings
+                "synthesis": result.meta,  # reference modality, slices, eta, warnings
                 "preprocessing": preprocessing,  # mode, transforms, brain mask, interpolators, versions
             }
-            results = _write_results(job, claim, result, record, workdir, study)
+            results = _write_results(job, claim, result, record, workdir, study, synth)
             timings["write"] = time.perf_counter() - t0
         with session_scope() as session:
             succeeded = jobs.complete(session, claim, results=results, model_version=synth.version)
         if succeeded:
             for attempt in range(1, claim.attempt):  # partial results of attempts that died mid-write
-                get_storage().delete_prefix(f"jobs/{job_id}/attempt-{attempt}/")
+                get_storage().delete_prefix(attempt_prefix(job_id, attempt))
             log.info("job %s succeeded in %.1fs (attempt %d)", job_id, time.perf_counter() - started, claim.attempt)
             pacs.start_deliveries(job_id)  # deliver_to: sent apart from the job (its status stays succeeded)
             return "succeeded"
-        get_storage().delete_prefix(f"jobs/{job_id}/attempt-{claim.attempt}/")
+        get_storage().delete_prefix(attempt_prefix(job_id, claim.attempt))
         log.warning("job %s: claim of attempt %d went stale; results discarded", job_id, claim.attempt)
         return "stale"
     except JobStopped:
         with session_scope() as session:
             cancelled = jobs.mark_cancelled(session, claim)
         # cancelled: no attempt's partial results are kept; claim lost: only ours (another attempt may win)
-        get_storage().delete_prefix(f"jobs/{job_id}/attempt-" + ("" if cancelled else f"{claim.attempt}/"))
+        get_storage().delete_prefix(attempt_prefix(job_id, None if cancelled else claim.attempt))
         log.info("job %s stopped (%s)", job_id, "cancelled" if cancelled else "claim lost")
         return "cancelled" if cancelled else "stale"
     except SoftTimeLimitExceeded:
@@ -185,7 +185,7 @@ def run_job(job_id: str) -> str:
 def _fail(claim: jobs.Claim, code: str, message: str, retry: bool = False) -> str:
     if not (retry and claim.attempt < get_settings().jobs.max_attempts):
         try:  # every attempt's partial results: earlier attempts may have died mid-write
-            get_storage().delete_prefix(f"jobs/{claim.id}/attempt-")
+            get_storage().delete_prefix(attempt_prefix(claim.id))
         except StorageError:
             log.warning("could not delete the partial results of job %s", claim.id)
     return runtime.end_attempt(jobs.LEASES, claim, code=code, message=message, retry=retry,

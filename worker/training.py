@@ -27,7 +27,7 @@ from api.core.db import session_scope
 from api.core.models import ModelVersion, TrainingRun, utcnow
 from api.core.queue import TRAIN_TASK, publish_training
 from api.core.settings import ROOT, get_settings
-from api.core.storage import StorageError, get_storage
+from api.core.storage import StorageError, download_prefix, get_storage, model_prefix, training_run_prefix
 from worker import runtime
 from worker.app import app
 
@@ -64,7 +64,7 @@ class Monitor:
         self.run_id, self.claim, self.out, self.console = run.id, claim, out, console
         self.stages: list[int] = run.params.get("stages") or [0, 1, 2]
         self.settings = get_settings().training
-        self.prefix = training.checkpoint_prefix(run.id)
+        self.prefix = training_run_prefix(run.id, "checkpoint")
         self.uploaded: dict[str, float] = {}
         self.last_upload = 0.0
         self.checkpoint: dict[str, Any] | None = run.checkpoint
@@ -178,20 +178,12 @@ def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 # ----------------------------------------------------------------------------------------------- steps
 
 
-def _download(prefix: str, dest: Path) -> int:
-    storage = get_storage()
-    keys = storage.list_keys(prefix)
-    for key in keys:
-        storage.get_file(key, dest / key[len(prefix):])
-    return len(keys)
-
-
 def _dataset_root(run: TrainingRun, workdir: Path) -> Path:
     if "prefix" in run.dataset:
         dest = workdir / "data"
         shutil.rmtree(dest, ignore_errors=True)
-        prefix = run.dataset["prefix"] if run.dataset["prefix"].endswith("/") else run.dataset["prefix"] + "/"
-        if not _download(prefix, dest):
+        prefix = run.dataset["prefix"]
+        if not download_prefix(get_storage(), prefix, dest):
             raise TrainerFailed(f"no objects under the dataset prefix {prefix!r}")
         return dest
     return Path(run.dataset["path"])
@@ -204,7 +196,7 @@ def _base_checkpoint(version: str, workdir: Path) -> Path:
     if prefix:
         dest = workdir / "base"
         shutil.rmtree(dest, ignore_errors=True)
-        _download(prefix, dest)
+        download_prefix(get_storage(), prefix, dest)
         return dest
     if local:
         return Path(local)
@@ -282,7 +274,7 @@ def register(run: TrainingRun, checkpoint: Path, metrics: dict[str, Any]) -> str
     from model.checkpoint import checkpoint_version
 
     version = checkpoint_version(checkpoint)
-    prefix = f"models/{version}/"
+    prefix = model_prefix(version)
     storage = get_storage()
     for f in sorted(checkpoint.iterdir()):
         if f.is_file():
@@ -319,7 +311,7 @@ def run_training(run_id: str) -> str:
         # storage holds the truth of a run's progress: start from its checkpoints (none on the first attempt)
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        resumed = _download(training.checkpoint_prefix(run_id), out)
+        resumed = len(download_prefix(get_storage(), training_run_prefix(run_id, "checkpoint"), out))
         monitor.uploaded = {p.name: p.stat().st_mtime for p in out.glob("stage[0-9].pt")}
         log.info("training run %s attempt %d on %d process(es)%s", run_id, claim.attempt, world,
                  f", resuming from {resumed} checkpoint files" if resumed else "")
@@ -339,8 +331,8 @@ def run_training(run_id: str) -> str:
         report_path = workdir / "evaluation" / "report.json"
         report = json.loads(report_path.read_text())
         for name in ("report.json", "report.md"):
-            get_storage().put_file(f"training-runs/{run_id}/evaluation/{name}", workdir / "evaluation" / name)
-        metrics = summarize(report, in_sample) | {"report": f"training-runs/{run_id}/evaluation/report.json"}
+            get_storage().put_file(training_run_prefix(run_id, "evaluation") + name, workdir / "evaluation" / name)
+        metrics = summarize(report, in_sample) | {"report": training_run_prefix(run_id, "evaluation") + "report.json"}
         version = register(run, out / "model", metrics)
         with session_scope() as session:
             state = monitor.trainer_progress()

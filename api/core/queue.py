@@ -8,7 +8,9 @@ job state).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 from celery import Celery
 from kombu import Queue
@@ -82,3 +84,17 @@ def publish_training(run_id: str) -> None:
 def publish_delivery(delivery_id: str) -> None:
     """Publish one delivery attempt (api.core.deliveries); on the inference queue, whose workers hold the results."""
     _publish(DELIVER_TASK, delivery_id)
+
+
+def publish_or_undo(session: Any, row: Any, publish: Callable[[str], None],
+                    cleanup: Callable[[], object] | None = None) -> None:
+    """Publish the task of a committed ``row``; when that fails, delete the row (and run ``cleanup``) and re-raise,
+    so that the client's retry (same Idempotency-Key) starts clean rather than finding a job nobody will run."""
+    try:
+        publish(row.id)
+    except Exception:
+        session.delete(row)
+        session.commit()
+        if cleanup is not None:
+            cleanup()
+        raise

@@ -1,6 +1,7 @@
 """Object storage behind one interface: a local directory (embedded) or S3/MinIO through the minio client.
 
-Keys are opaque strings such as ``jobs/{job_id}/inputs/t1.nii.gz``; the database stores keys, never URLs.
+Keys are opaque strings such as ``jobs/{job_id}/inputs/t1.nii.gz``; the database stores keys, never URLs. Every
+key is spelled by the functions below (the one place of the key grammar).
 """
 
 from __future__ import annotations
@@ -15,6 +16,31 @@ from typing import BinaryIO, Protocol
 from api.core.settings import StorageSettings, get_settings
 
 CHUNK = 1024 * 1024
+
+
+def job_prefix(job_id: str) -> str:
+    """Everything of one job: its inputs and every attempt's results."""
+    return f"jobs/{job_id}/"
+
+
+def job_input_key(job_id: str, name: str) -> str:
+    """An uploaded or pulled input: ``t1.nii.gz``, or ``t1/00000.dcm`` for a DICOM series' instances."""
+    return f"jobs/{job_id}/inputs/{name}"
+
+
+def attempt_prefix(job_id: str, attempt: int | None = None) -> str:
+    """One attempt's results (``attempt``), or with None the prefix of every attempt's."""
+    return f"jobs/{job_id}/attempt-" + (f"{attempt}/" if attempt is not None else "")
+
+
+def model_prefix(version: str) -> str:
+    """A registered model version's checkpoint files."""
+    return f"models/{version}/"
+
+
+def training_run_prefix(run_id: str, part: str) -> str:
+    """A training run's ``checkpoint`` (resumable stage checkpoints) or ``evaluation`` (its report) files."""
+    return f"training-runs/{run_id}/{part}/"
 
 
 class StorageError(OSError):
@@ -205,3 +231,13 @@ def make_storage(cfg: StorageSettings) -> Storage:
 @lru_cache
 def get_storage() -> Storage:
     return make_storage(get_settings().storage)
+
+
+def download_prefix(storage: Storage, prefix: str, dest: Path) -> list[str]:
+    """Every object under ``prefix`` (a folder: a trailing ``/`` is added) into ``dest``, keeping the relative
+    paths; returns the keys."""
+    prefix = prefix if prefix.endswith("/") else prefix + "/"
+    keys = storage.list_keys(prefix)
+    for key in keys:
+        storage.get_file(key, dest / key[len(prefix):])
+    return keys

@@ -9,17 +9,12 @@ from api.core.errors import NotFound
 from api.core.leases import Claim, InvalidTransition, Leases
 from api.core.models import TrainingRun
 
-__all__ = ["DATASET_LAYOUTS", "Claim", "InvalidTransition", "RunNotFound", "checkpoint_prefix", "claim", "complete",
+__all__ = ["DATASET_LAYOUTS", "Claim", "InvalidTransition", "RunNotFound", "claim", "complete",
            "fail", "mark_cancelled", "reap_expired", "renew", "request_cancel", "stale_queued"]
 
 # API layout names -> model.data layouts; "brats" takes every BraTS naming (2020, 2021, 2023, BraTS-Toolkit)
 DATASET_LAYOUTS = {"brats": "auto", "wmh": "wmh", "ixi": "ixi", "auto": "auto", "brats2020": "brats2020",
                    "brats2021": "brats2021", "brats2023": "brats2023", "brats-toolkit": "brats-toolkit"}
-
-
-def checkpoint_prefix(run_id: str) -> str:
-    """Where a run's resumable stage checkpoints live in object storage."""
-    return f"training-runs/{run_id}/checkpoint/"
 
 
 class RunNotFound(NotFound):

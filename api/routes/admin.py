@@ -13,10 +13,10 @@ from api import datasets
 from api.auth import require
 from api.core import audit, registry
 from api.core import training as runs
+from api.core.errors import ProblemError
 from api.core.models import ApiKey, JobStatus, ModelVersion, TrainingRun
-from api.core.queue import publish_training
+from api.core.queue import publish_or_undo, publish_training
 from api.deps import SessionDep, StorageDep
-from api.errors import ProblemError
 from api.pagination import newest_first
 from api.routes.models import to_public as version_public
 from api.schemas import (
@@ -87,12 +87,7 @@ async def create_run(body: TrainingRunCreate, response: Response, session: Sessi
                       params=params | {"cases": report.cases}, history=[], log_tail="")
     session.add(run)
     session.commit()
-    try:
-        publish_training(run.id)
-    except Exception:
-        session.delete(run)
-        session.commit()
-        raise
+    publish_or_undo(session, run, publish_training)
     audit.record(session, key, "model.train", "training_run", run.id,
                  {"preset": run.preset, "stages": params.get("stages"), "base_version": params.get("base_version")})
     response.headers["Location"] = f"/api/v1/admin/training-runs/{run.id}"

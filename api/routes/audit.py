@@ -9,9 +9,9 @@ from fastapi import APIRouter, Query
 from sqlalchemy import select
 
 from api.auth import require
+from api.core.errors import ProblemError
 from api.core.models import ApiKey, AuditEvent
 from api.deps import SessionDep
-from api.errors import ProblemError
 from api.schemas import PROBLEM_RESPONSES, AuditEventPublic, AuditList
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])

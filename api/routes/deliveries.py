@@ -6,11 +6,11 @@ from fastapi import APIRouter
 
 from api.auth import require
 from api.core import audit, deliveries
+from api.core.errors import ProblemError
 from api.core.models import ApiKey, JobStatus
 from api.core.queue import publish_delivery
 from api.core.settings import get_settings
 from api.deps import SessionDep
-from api.errors import ProblemError
 from api.pacs import require_configured
 from api.routes.jobs import NOT_FOUND, to_public, visible_job
 from api.schemas import PROBLEM_RESPONSES, JobPublic, Problem

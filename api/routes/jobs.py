@@ -14,12 +14,12 @@ from sqlalchemy.orm import Session
 from api.auth import KeyDep, require
 from api.core import audit, deliveries
 from api.core import jobs as job_states
+from api.core.errors import ProblemError
 from api.core.jobs import JobNotFound
 from api.core.models import ApiKey, Job, JobStatus, Role
 from api.core.queue import publish_synthesis
 from api.core.storage import Storage
 from api.deps import SessionDep, StorageDep
-from api.errors import ProblemError
 from api.pagination import newest_first
 from api.schemas import JOB_EXAMPLE, PROBLEM_RESPONSES, DeliveryPublic, JobError, JobList, JobPublic, Problem
 

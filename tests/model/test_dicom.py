@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
+from api.core.errors import ProblemError
 from api.core.settings import DicomSettings
 from api.dicom import inspect_dicom_upload
-from api.errors import ProblemError
 from model.io import dicom
 from model.io.dicom import DicomError, read_series
 

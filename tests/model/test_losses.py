@@ -121,7 +121,7 @@ def test_log_amplitude_dct_term_sees_blur_and_a_wrong_modality_on_real_slices():
 
     from model.config import load_preset
     from model.data import find_cases
-    from model.dataset import SliceDataset
+    from model.slices import SliceDataset
 
     ds = SliceDataset(find_cases([BRATS2018 / "Brats18_2013_3_1"]), load_preset("cpu"))
     x = ds.x[len(ds) // 2].float()  # t1, t2, t1ce, flair

@@ -14,7 +14,7 @@ import yaml
 import model.train as train_mod
 from model.checkpoint import load_checkpoint
 from model.data import find_cases
-from model.dataset import ModalityMasker, SliceDataset
+from model.slices import ModalityMasker, SliceDataset
 
 from .conftest import LPS, MODS, micro_config, synthetic_study
 

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from api.errors import ProblemError
+from api.core.errors import ProblemError
 from tests.service.conftest import clear_caches, free_port, migrate_in_process, start_process, stop_process
 from tests.service.test_api import assert_problem, auth, create_key, upload
 

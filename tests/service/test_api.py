@@ -15,8 +15,8 @@ PROBLEM = "application/problem+json"
 
 def create_key(_stack, role: str) -> str:
     """A key made in-process (the CLI itself is exercised in test_roles)."""
-    from api.auth import create_key as make_key
     from api.core.db import session_scope
+    from api.core.keys import create_key as make_key
     from api.core.models import Role
 
     with session_scope() as session:
@@ -90,8 +90,8 @@ def test_roles(app_client, stack, study):
 def test_expired_key(app_client, stack):
     from datetime import timedelta
 
-    from api.auth import create_key as make_key
     from api.core.db import session_scope
+    from api.core.keys import create_key as make_key
     from api.core.models import Role, utcnow
 
     with session_scope() as session:

@@ -252,7 +252,7 @@ def mutated(draw) -> bytes:
 def test_mutated_headers_give_only_documented_errors(blob: bytes):
     """inspect_nifti either accepts the file (then nibabel reads it into the declared shape) or answers 422 with
     a documented code; nothing else escapes, whatever the header says."""
-    from api.errors import ProblemError
+    from api.core.errors import ProblemError
     from api.uploads import inspect_nifti
 
     try:

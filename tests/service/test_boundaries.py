@@ -12,3 +12,14 @@ def test_api_does_not_import_torch():
             "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_listener_and_pulls_make_jobs_without_fastapi():
+    """The DICOM listener and a pull submit through api.submission / api.dicom, the same functions the route
+    calls, without loading the web framework (or torch)."""
+    code = ("import sys, worker.listener, worker.pacs, api.submission, api.dicom, api.core.keys; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'torch')); "
+            "bad += [m for m in sys.modules if m.startswith(('api.routes', 'api.auth', 'api.errors'))]; "
+            "assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -183,9 +183,9 @@ def test_nifti_inputs_in_another_space_are_refused_and_other_grids_accepted(app_
 def test_nibabel_edge_case_files_are_read_or_refused_with_their_code(tmp_path):
     """Every file is either accepted by the API's header check AND read by the worker's reader, or refused with a
     documented code (by the API, or by the reader as the job's error.code): nothing else escapes to the worker."""
+    from api.core.errors import ProblemError
     from api.core.settings import DicomSettings
     from api.dicom import inspect_dicom_upload
-    from api.errors import ProblemError
     from api.uploads import inspect_nifti
     from model.io.dicom import DicomError, read_series
     from model.io.nifti import read_nifti

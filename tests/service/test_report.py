@@ -9,10 +9,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from api.core.storage import LocalStorage
+from model.config import MSGLDMConfig
+from model.evaluate import prepare_reference, score
 from model.io.volume import Volume
-from model.metrics import normalize_in_mask, psnr, ssim
-from worker.report import BANNER, write_report
+from worker.native import JobResult
+from worker.report import BANNER, metrics_line, write_report
+
+CFG = MSGLDMConfig()  # the default preprocessing of the model (model/config.py)
 
 pytest.importorskip("matplotlib")
 
@@ -27,38 +30,43 @@ def parts(tmp_path):
              for m, s in (("t1", 500.0), ("t2", 900.0), ("flair", 300.0))}
     synth = Volume(np.where(brain, rng.random(brain.shape), 0).astype(np.float32), affine)
     std = Volume(np.where(brain, 0.1 * rng.random(brain.shape), 0).astype(np.float32), affine)
-    result = SimpleNamespace(volumes={"flair": synth}, uncertainty={"flair": std})
+    result = JobResult(volumes={"flair": synth}, uncertainty={"flair": std}, timings={})
     record = {"job_id": "j1", "model_version": "msgldm-tiny-x", "seed": 3, "steps": 2, "samples": 2,
               "targets": ["flair"], "timings_seconds": {"denoise": 1.5},
               "inputs": {m: {"sha256": "ab" * 32, "bytes": 10, "shape": list(brain.shape),
                              "nonfinite_voxels_set_to_0": 0, "reference": m == "flair"} for m in study},
               "synthesis": {"warnings": ["voxel size <differs>"], "reference": "t1"}}
-    return SimpleNamespace(study=study, result=result, record=record, brain=brain, tmp=tmp_path,
-                           storage=LocalStorage(tmp_path / "objects"))
+    return SimpleNamespace(study=study, result=result, record=record, brain=brain, tmp=tmp_path)
+
+
+def report(parts, study, targets=("flair",)):
+    return write_report(SimpleNamespace(targets=list(targets)), parts.result, parts.record, study, parts.tmp,
+                        preprocess_cfg=CFG.preprocess, modalities=CFG.modalities)
 
 
 def test_report_with_a_reference(parts):
-    job = SimpleNamespace(targets=["flair"])
-    keys = write_report(job, parts.result, parts.record, parts.study, parts.tmp, parts.storage, "jobs/j1/attempt-1")
-    assert keys == {n: f"jobs/j1/attempt-1/{n}" for n in ("flair.reference.nii.gz", "preview.png", "report.html")}
+    files = report(parts, parts.study)
+    assert set(files) == {"flair.reference.nii.gz", "preview.png", "report.html"}
 
-    # metrics: the withheld FLAIR on the model's scale, scored by model/metrics.py
-    y = normalize_in_mask(parts.study["flair"].data, parts.study["t1"].data > 0)
-    p = parts.result.volumes["flair"].data
+    # metrics: the registry's numbers, both protocols, exactly as python -m model.evaluate scores a case
+    case = SimpleNamespace(id="j1", layout="brats2023", seg_is_prediction=False)
+    expected = score(parts.result.volumes["flair"], "flair",
+                     prepare_reference(case, parts.study, None, CFG.modalities, CFG.preprocess))
     metrics = parts.record["validation"]["metrics"]["flair"]
-    assert metrics["psnr"] == pytest.approx(psnr(p, y, 1.0, mask=parts.brain), abs=1e-3)
-    assert metrics["ssim"] == pytest.approx(ssim(p, y, 1.0), abs=1e-4)
+    assert set(metrics) == set(expected) and metrics["slices"] == expected["slices"] > 0
+    for name in ("paper_psnr", "paper_ssim", "mae", "brasyn_psnr", "brasyn_ssim"):
+        assert metrics[name] == pytest.approx(expected[name], abs=1e-4), name
+    assert "paper protocol (2D)" in parts.record["validation"]["protocol"]
     assert parts.record["timings_seconds"]["report"] > 0
 
     import matplotlib.image
 
-    png = parts.tmp / "check.png"
-    parts.storage.get_file(keys["preview.png"], png)
-    image = matplotlib.image.imread(io.BytesIO(png.read_bytes()), format="png")
+    image = matplotlib.image.imread(io.BytesIO(files["preview.png"].read_bytes()), format="png")
     assert image.shape[0] == 690 and image.shape[1] == int(2.2 * 100 * 5)  # 3 planes x (2 inputs, synth, std, ref)
 
     page = (parts.tmp / "report.html").read_text()
-    assert BANNER in page and f"PSNR {metrics['psnr']:.2f} dB" in page and "msgldm-tiny-x" in page
+    assert BANNER in page and metrics_line(metrics) in page and "msgldm-tiny-x" in page
+    assert f"PSNR {metrics['paper_psnr']:.2f} dB" in metrics_line(metrics)
     assert "voxel size &lt;differs&gt;" in page  # escaped
     assert "withheld from the model" in page
     assert not re.search(r'(src|href)="(?!data:)', page), "report.html must be self-contained"
@@ -66,6 +74,5 @@ def test_report_with_a_reference(parts):
 
 def test_report_without_a_reference(parts):
     study = {m: v for m, v in parts.study.items() if m != "flair"}
-    keys = write_report(SimpleNamespace(targets=["flair"]), parts.result, parts.record, study, parts.tmp,
-                        parts.storage, "p")
-    assert set(keys) == {"preview.png", "report.html"} and "validation" not in parts.record
+    files = report(parts, study)
+    assert set(files) == {"preview.png", "report.html"} and "validation" not in parts.record

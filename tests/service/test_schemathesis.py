@@ -15,9 +15,9 @@ KEY: dict[str, str] = {}
 
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory, checkpoint):
-    from api.auth import create_key
     from api.cli import migrate
     from api.core.db import session_scope
+    from api.core.keys import create_key
     from api.core.models import Role
 
     stack = embedded_stack(tmp_path_factory.mktemp("schemathesis"), checkpoint)

@@ -52,8 +52,8 @@ def _routes(app) -> set[tuple[str, str]]:
 
 
 def _keys(stack) -> dict[str, str]:
-    from api.auth import create_key as make_key
     from api.core.db import session_scope
+    from api.core.keys import create_key as make_key
     from api.core.models import Role, utcnow
 
     keys = {role: create_key(stack, r) for role, r in (("owner", "integrator"), ("other integrator", "integrator"),
@@ -63,7 +63,7 @@ def _keys(stack) -> dict[str, str]:
         row, keys["revoked"] = make_key(session, name="gone", role=Role.admin)
         row.revoked_at = utcnow()
         session.commit()
-        from api.auth import hash_key
+        from api.core.keys import hash_key
 
         keys["stored hash"] = hash_key(keys["admin"])  # what a database leak would expose: useless as a key
     keys["forged"] = "msk_" + secrets.token_urlsafe(32)

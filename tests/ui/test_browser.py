@@ -93,7 +93,7 @@ def test_sign_in_follow_a_job_view_slices_and_download(ui_service, page, tmp_pat
     job = api.get(f"/api/v1/jobs/{job_id}").json()
     assert {"preview.png", "report.html", "flair.uncertainty.nii.gz", "flair.reference.nii.gz"} <= set(job["results"])
     record = api.get(job["results"]["record.json"]).json()
-    psnr = record["validation"]["metrics"]["flair"]["psnr"]
+    psnr = record["validation"]["metrics"]["flair"]["paper_psnr"]
     assert f"{psnr:.2f}" in page.locator("#validation-metrics").inner_text()
     page.locator("#preview img").wait_for()
     shape = record["inputs"]["t1"]["shape"]  # BraTS voxel axes run along R, A, S (up to sign)

@@ -124,9 +124,12 @@ export function jobView(root, jobId) {
     if (v) {
       put(validation, h("h2", {}, "Validation against the uploaded (withheld) reference"),
         h("table", { class: "metrics", id: "validation-metrics" },
-          h("tr", {}, h("th", {}, "target"), h("th", {}, "PSNR (dB)"), h("th", {}, "SSIM"), h("th", {}, "MAE")),
-          Object.entries(v.metrics).map(([t, m]) => h("tr", {}, h("td", {}, t.toUpperCase()), h("td", {}, fmt(m.psnr)),
-            h("td", {}, fmt(m.ssim, 4)), h("td", {}, fmt(m.mae, 4))))),
+          h("tr", {}, h("th", {}, "target"), h("th", {}, "PSNR 2D (dB)"), h("th", {}, "SSIM 2D"), h("th", {}, "MAE"),
+            h("th", {}, "PSNR 3D (dB)"), h("th", {}, "SSIM 3D")),
+          // paper 2D protocol (absent for a raw study on its own grid) and BraSyn 3D: model/protocols.py
+          Object.entries(v.metrics).map(([t, m]) => h("tr", {}, h("td", {}, t.toUpperCase()), h("td", {}, fmt(m.paper_psnr)),
+            h("td", {}, fmt(m.paper_ssim, 4)), h("td", {}, fmt(m.mae, 4)), h("td", {}, fmt(m.brasyn_psnr)),
+            h("td", {}, fmt(m.brasyn_ssim, 4))))),
         h("p", { class: "muted" }, v.protocol));
     }
     const timings = Object.entries(record.timings_seconds || {});
