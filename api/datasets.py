@@ -1,33 +1,37 @@
 """Dataset validation before a training run is queued: ``python -m model.data`` in a subprocess (headers and
-labels only; the API process itself never imports the model package), plus the preset's modality check."""
+labels only, under a timeout: a slow or hostile dataset costs that process, not the API), plus the preset's
+modality check."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess  # nosec B404 - fixed argv, no shell
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from api.core.errors import ProblemError
 from api.core.settings import ROOT, get_settings
 from api.core.storage import Storage, download_prefix
 from api.core.training import DATASET_LAYOUTS as LAYOUTS
 from api.schemas import DatasetReport, DatasetSpec
+from model.config import PRESETS_DIR, load_preset
+from model.errors import ConfigError
 
-PRESETS = ROOT / "model" / "presets"
+PRESET_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def preset_modalities(preset: str) -> list[str]:
-    """The modalities a preset's model is built for (from its YAML; the API does not import the model)."""
-    path = PRESETS / f"{preset}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-        raise ProblemError(422, "unknown_preset", f"no preset {preset!r}; known presets: {', '.join(known)}")
-    return list(yaml.safe_load(path.read_text()).get("modalities") or [])
+    """The modalities a preset's model is built for (``model.config``, torch-free); only preset names, no paths."""
+    try:
+        if not PRESET_NAME.fullmatch(preset):
+            raise ConfigError(preset)
+        return list(load_preset(preset).modalities)
+    except ConfigError:
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise ProblemError(422, "unknown_preset", f"no preset {preset!r}; known presets: {', '.join(known)}") from None
 
 
 def _run_checker(roots: list[str], layout: str) -> dict[str, Any] | str:

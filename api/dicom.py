@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO
 
-import pydicom
 from pydicom.dataset import Dataset
 
 from api.core.errors import ProblemError
 from api.core.sandbox import SandboxError, run_limited
 from api.core.settings import ApiSettings, DicomSettings, Settings
 from api.core.storage import job_input_key
+from model.io.dicom import DicomError, check_headers, describe, read_header
 
 ZIP_MAGIC = b"PK\x03\x04"
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".7z", ".rar")
@@ -97,11 +97,6 @@ def _describe(ds: Dataset) -> dict[str, Any]:
             "modality": str(ds.get("Modality", ""))}
 
 
-def _label(ds: Dataset) -> str:
-    d = _describe(ds)
-    return f"series {d['series_number'] or '?'} {d['series_description']!r} ({d['series_instance_uid']})"
-
-
 def _spool(src: IO[bytes], limit: int, name: str) -> tuple[IO[bytes], str, int]:
     """Copy at most ``limit`` bytes into a spooled temporary file, hashing them; more is a zip bomb."""
     out = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - closed by DicomUpload.close
@@ -166,18 +161,11 @@ def _zip_entries(name: str, f: BinaryIO, cfg: DicomSettings, budget: list[int]) 
 
 def _read_header(name: str, f: IO[bytes]) -> Dataset:
     try:
-        f.seek(0)
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        for _ in ds.iterall():  # pydicom converts values lazily: surface bad values here
-            pass
-        tag = f.read(4)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a malformed file
-        raise _problem("invalid_dicom", f"{name}: not a readable DICOM file ({type(exc).__name__})") from exc
-    finally:
-        f.seek(0)
+        ds = read_header(f, name)  # the model's reader: up to the pixel data, has_pixel_data set
+    except DicomError as exc:
+        raise _problem(exc.code, str(exc)) from None
     if not ds.get("SeriesInstanceUID"):
         raise _problem("invalid_dicom", f"{name}: no SeriesInstanceUID")
-    ds.has_pixel_data = tag[:2] in (b"\xe0\x7f", b"\x7f\xe0")  # stopped at group 7FE0, either byte order
     return ds
 
 
@@ -219,20 +207,12 @@ def _is_localizer(ds: Dataset) -> bool:
 
 def _check_headers(series: list[DicomFile]) -> None:
     first = series[0].header
-    label = _label(first)
     if _is_localizer(first):
-        raise _problem("dicom_localizer", f"{label}: a localizer (planning image), not a diagnostic series")
-    if str(first.get("Modality", "")).upper() != "MR":
-        raise _problem("dicom_not_mr", f"{label}: Modality is {first.get('Modality', 'missing')!r}; only MR is used")
-    if "MOSAIC" in [str(v).upper() for v in (first.get("ImageType") or [])] or (0x0019, 0x100A) in first:
-        raise _problem("dicom_mosaic", f"{label}: a Siemens mosaic (slices tiled in one image) is not supported")
-    if int(first.get("NumberOfFrames", 1) or 1) > 1:
-        raise _problem("dicom_4d", f"{label}: multi-frame images are not supported; send classic single-frame MR")
-    if len(series) < 2:
-        raise _problem("dicom_bad_geometry", f"{label}: {len(series)} image; a volume needs at least 2 slices")
-    missing = [f.name for f in series if not f.header.has_pixel_data]
-    if missing:
-        raise _problem("dicom_no_pixel_data", f"{label}: {len(missing)} file(s) without pixel data, e.g. {missing[0]}")
+        raise _problem("dicom_localizer", f"{describe(first)}: a localizer (planning image), not a diagnostic series")
+    try:
+        check_headers([f.header for f in series])  # the model reader's own header checks, with its codes
+    except DicomError as exc:
+        raise _problem(exc.code, str(exc)) from None
 
 
 def inspect_dicom_upload(uploads: Sequence[tuple[str, BinaryIO]], *, modalities: Sequence[str],
@@ -374,7 +354,7 @@ def _map_series(files: list[DicomFile], modalities: Sequence[str], explicit: dic
     twice = {m: c for m, c in chosen.items() if len(c) > 1}
     if twice:
         raise _problem("series_ambiguous", "several series for one modality: " + "; ".join(
-            f"{m}: " + ", ".join(_label(s[0].header) for _, s in c) for m, c in twice.items())
+            f"{m}: " + ", ".join(describe(s[0].header) for _, s in c) for m, c in twice.items())
             + ": choose with series_map", series=found)
     if not chosen and found and all(e["rule"].startswith("a localizer") for e in found):
         raise _problem("dicom_localizer", "the upload holds only localizers (planning images): " + "; ".join(
@@ -387,7 +367,7 @@ def _map_series(files: list[DicomFile], modalities: Sequence[str], explicit: dic
         first = series[0].header
         shape = (int(first.get("Columns", 0) or 0), int(first.get("Rows", 0) or 0), len(series))
         if shape[0] * shape[1] * shape[2] > max_voxels:
-            raise _problem("volume_too_large", f"{_label(first)}: {shape} voxels, at most {max_voxels}")
+            raise _problem("volume_too_large", f"{describe(first)}: {shape} voxels, at most {max_voxels}")
         out[modality] = UploadedSeries(modality, rule, series, {
             **_describe(first), "study_instance_uid": str(first.get("StudyInstanceUID", "")),
             "frame_of_reference_uid": str(first.get("FrameOfReferenceUID", "")), "shape": list(shape),

@@ -473,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from model.checkpoint import read_config
+    from model.config import read_config
     from model.data import find_cases
 
     ckpt = Path(args.checkpoint)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.config import MSGLDMConfig, load_preset
+from model.config import load_preset, read_config
 from model.errors import CheckpointError
 from model.msgldm import MSGLDM
 
@@ -56,16 +56,6 @@ def save_checkpoint(
     for name in WEIGHT_FILES.values():  # safetensors writes 0600; a served model must be readable by its workers
         (out / name).chmod(0o644)
     return out
-
-
-def read_config(path: str | Path) -> MSGLDMConfig:
-    cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{path} is not a checkpoint directory: no config.json")
-    try:
-        return MSGLDMConfig.from_dict(json.loads(cfg_path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"invalid config.json in {path}: {exc}") from exc
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> MSGLDM:
@@ -111,12 +101,14 @@ def export_for_serving(src: str | Path, dest: str | Path, dtype: torch.dtype = t
 
 
 def checkpoint_version(path: str | Path) -> str:
-    """``msgldm-<name>-<sha256[:12]>`` over config.json and the weights' names, dtypes, shapes and values
-    (tensor content, not file bytes: safetensors' header order is not stable between writes)."""
+    """``msgldm-<name>-<sha256[:12]>`` over config.json as stored and the weights' names, dtypes, shapes and values
+    (tensor content, not file bytes: safetensors' header order is not stable between writes). The stored config,
+    not the config re-serialised by today's code: a config field added later, at its default, must not change the
+    version of every existing checkpoint (the registry and the docs name versions)."""
     path = Path(path)
     h = hashlib.sha256()
-    cfg = read_config(path)
-    h.update(cfg.to_json().encode())
+    cfg = read_config(path)  # validates it
+    h.update((path / "config.json").read_text().strip().encode())
     for name in sorted(WEIGHT_FILES.values()):
         f = path / name
         if not f.is_file():

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from model.errors import ConfigError, UnknownModalityError
+from model.errors import CheckpointError, ConfigError, UnknownModalityError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 KNOWN_MODALITIES = ("t1", "t2", "t1ce", "flair", "pd")
@@ -386,3 +386,14 @@ def load_preset(name_or_path: str | Path) -> MSGLDMConfig:
         raise ConfigError(f"no preset {name_or_path!r}: expected one of {names} or a YAML file")
     data = yaml.safe_load(path.read_text()) or {}
     return MSGLDMConfig.from_dict(data)
+
+
+def read_config(path: str | Path) -> MSGLDMConfig:
+    """A checkpoint directory's ``config.json`` (torch-free: the API reads the serving model's modalities)."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint directory: no config.json")
+    try:
+        return MSGLDMConfig.from_dict(json.loads(cfg_path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"invalid config.json in {path}: {exc}") from exc

@@ -382,7 +382,8 @@ def recorded_split(checkpoint: str | Path) -> dict[str, list[str]] | None:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
-    from model.checkpoint import checkpoint_version, read_config
+    from model.checkpoint import checkpoint_version
+    from model.config import read_config
 
     ckpt = Path(args.checkpoint)
     cfg = read_config(ckpt)

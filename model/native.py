@@ -48,7 +48,7 @@ MAX_ROTATION_DEG = 30.0  # rigid motion between two series of one session beyond
 MAX_SHIFT_MM = 60.0
 AFFINE_SCALE = (0.6, 1.6)  # per-axis scale of a head to the atlas
 MIN_COVERAGE = 0.5  # fraction of the reference brain a registered series must cover
-MIN_ATLAS_MI = 0.4  # the extracted brain against the SRI24 brain: brains here 0.51-0.53, a bottle phantom 0.19-0.28
+MIN_ATLAS_MI = 0.4  # the extracted brain against the SRI24 brain: brains here 0.50-0.53, a bottle phantom 0.19-0.28
 MIN_MI = 0.15  # mutual information (nats, Mattes, 32 bins) at the solution below which nothing was matched
 INTERPOLATORS = {"images": "B-spline (cubic)", "mask": "nearest neighbour", "transform_images": "linear"}
 

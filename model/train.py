@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from model.checkpoint import load_checkpoint, read_config, save_checkpoint
-from model.config import MSGLDMConfig, load_preset
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import MSGLDMConfig, load_preset, read_config
 from model.data import find_cases, split_cases
 from model.losses import (
     adain_kl,

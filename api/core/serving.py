@@ -1,12 +1,13 @@
-"""What the API knows of the serving model without loading it: the checkpoint's config.json."""
+"""What the API knows of the serving model without loading it: its checkpoint config (``model.config``, no torch)."""
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 
 from api.core.settings import get_settings
+from model.config import read_config
+from model.errors import CheckpointError
 
 
 class ModelUnavailable(RuntimeError):
@@ -16,12 +17,8 @@ class ModelUnavailable(RuntimeError):
 @lru_cache
 def serving_modalities(checkpoint: Path | None = None) -> tuple[str, ...]:
     """The ordered modality names of the serving model."""
-    path = (checkpoint or get_settings().inference.checkpoint) / "config.json"
+    path = checkpoint or get_settings().inference.checkpoint
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelUnavailable(f"cannot read the serving model's config at {path}: {exc}") from exc
-    modalities = config.get("modalities")
-    if not modalities:
-        raise ModelUnavailable(f"{path} names no modalities")
-    return tuple(modalities)
+        return tuple(read_config(path).modalities)
+    except CheckpointError as exc:
+        raise ModelUnavailable(f"cannot read the serving model's config: {exc}") from exc

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import numpy as np
 import pydicom
@@ -80,7 +80,7 @@ def describe(ds: Dataset) -> str:
             f"({ds.get('SeriesInstanceUID', 'no SeriesInstanceUID')})")
 
 
-def read_header(src: str | Path | BinaryIO, name: str | None = None) -> Dataset:
+def read_header(src: str | Path | IO[bytes], name: str | None = None) -> Dataset:
     """Parse one file up to (not including) its pixel data. ``ds.has_pixel_data`` (an attribute this sets) says
     whether pixel data follow. Anything pydicom cannot parse raises :class:`NotDicomError`."""
     label = name or (str(src) if isinstance(src, str | Path) else str(getattr(src, "name", "a file")))
@@ -131,8 +131,9 @@ def _floats(ds: Dataset, keyword: str, n: int, what: str) -> np.ndarray:
     return values
 
 
-def check_series(datasets: Sequence[Dataset]) -> SeriesGeometry:
-    """Header-level checks of one series and its geometry (what the model cannot use raises, naming the series)."""
+def check_headers(datasets: Sequence[Dataset]) -> None:
+    """What one series' headers alone rule out (not MR, mosaic, multi-frame, one slice, no pixel data), naming the
+    series; the API refuses an upload with these before any pixel is read."""
     first = datasets[0]
     name = describe(first)
     if str(first.get("Modality", "")).upper() != "MR":
@@ -150,6 +151,12 @@ def check_series(datasets: Sequence[Dataset]) -> SeriesGeometry:
     if missing:
         raise MissingPixelDataError(f"{name}: {len(missing)} file(s) without pixel data (e.g. {missing[0]})")
 
+
+def check_series(datasets: Sequence[Dataset]) -> SeriesGeometry:
+    """:func:`check_headers` and the series' geometry (what the model cannot use raises, naming the series)."""
+    check_headers(datasets)
+    first = datasets[0]
+    name = describe(first)
     rows, cols = int(first.get("Rows", 0) or 0), int(first.get("Columns", 0) or 0)
     iop = _floats(first, "ImageOrientationPatient", 6, "slice orientation")
     spacing = _floats(first, "PixelSpacing", 2, "pixel size")

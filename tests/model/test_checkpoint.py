@@ -57,6 +57,18 @@ def test_version_is_a_content_hash(tmp_path, micro_cfg):
     assert checkpoint_version(tmp_path / "c") != va
 
 
+def test_a_config_field_added_later_keeps_existing_versions(tmp_path, micro_cfg, monkeypatch):
+    """The version hashes config.json as stored: once code adds a field (at its default), re-serialising an old
+    checkpoint's config would differ, yet its version must stay (the registry and docs name versions)."""
+    from model.config import MSGLDMConfig
+
+    save_checkpoint(MSGLDM(micro_cfg), tmp_path / "a")
+    before = checkpoint_version(tmp_path / "a")
+    to_json = MSGLDMConfig.to_json
+    monkeypatch.setattr(MSGLDMConfig, "to_json", lambda self: to_json(self)[:-1] + ', "added_later": 0}')
+    assert checkpoint_version(tmp_path / "a") == before
+
+
 def test_init_checkpoint_is_complete_and_deterministic(tmp_path):
     a = init_checkpoint("tiny", tmp_path / "a", seed=3)
     b = init_checkpoint("tiny", tmp_path / "b", seed=3)
@@ -89,7 +101,7 @@ DEFAULT = Path(__file__).parents[2] / "model" / "default"
 def test_the_shipped_default_model_loads_fits_the_size_budget_and_records_its_split_and_gates():
     model = load_checkpoint(DEFAULT)
     assert model.cfg.modalities == ("t1", "t2", "t1ce", "flair") and model.cfg.name == "cpu"
-    assert checkpoint_version(DEFAULT).startswith("msgldm-cpu-")
+    assert checkpoint_version(DEFAULT) == "msgldm-cpu-5aecfa4d97f2"  # as README, docs/quality.md and TRAINING.md say
     metrics = json.loads((DEFAULT / "metrics.json").read_text())
     assert metrics["trained"] is True and sorted(metrics["gates"]) == ["stage0", "stage1", "stage2"]
     split = metrics["split"]  # the held-out test cases were never trained on

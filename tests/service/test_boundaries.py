@@ -1,4 +1,5 @@
-"""Layer boundaries: the API never imports torch or the model package."""
+"""Layer boundaries: the API loads no torch (it may use the model's torch-free modules: config, errors, data,
+io), and no worker code; the listener and pulls make jobs without the web framework."""
 
 import subprocess
 import sys
@@ -7,9 +8,12 @@ from tests.service.conftest import ROOT
 
 
 def test_api_does_not_import_torch():
-    code = ("import sys, api.main, api.cli, api.core.jobs; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'model', 'worker')); "
-            "assert not bad, bad")
+    code = ("import sys, api.main, api.cli, api.core.jobs, api.datasets; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'worker', 'SimpleITK', 'deepbet')); "
+            "assert not bad, bad; "
+            "used = sorted(m for m in sys.modules if m.startswith('model')); "
+            "assert set(used) <= {'model', 'model.config', 'model.errors', 'model.data', 'model.io', 'model.io.dicom', "
+            "'model.io.volume', 'model.io.nifti', 'model.io.geometry'}, used")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
