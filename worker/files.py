@@ -16,6 +16,7 @@ import numpy as np
 
 from api.core.models import Job
 from api.core.storage import get_storage
+from worker.native import JobResult
 
 
 def read_inputs(job: Job, workdir: Path) -> dict[str, Any]:
@@ -68,7 +69,7 @@ def _sources(study: dict[str, Any], reference_affine: np.ndarray, shape: tuple[i
     return out
 
 
-def write_result_files(job: Job, result: Any, study: dict[str, Any], workdir: Path, software_version: str = ""
+def write_result_files(job: Job, result: JobResult, study: dict[str, Any], workdir: Path, software_version: str = ""
                        ) -> dict[str, Path]:
     """Result name -> local file, written under ``workdir/out``."""
     from model.io.dicom_write import SyntheticSeries, write_dicom_series, zip_series
@@ -81,6 +82,8 @@ def write_result_files(job: Job, result: Any, study: dict[str, Any], workdir: Pa
         files[f"{m}.nii.gz"] = write_nifti(volume, out_dir / f"{m}.nii.gz")
     for m, volume in (result.uncertainty or {}).items():
         files[f"{m}.uncertainty.nii.gz"] = write_nifti(volume, out_dir / f"{m}.uncertainty.nii.gz")
+    for name, volume in result.overlays.items():  # a raw study's checks, drawn over the viewer's panels
+        files[f"{name}.nii.gz"] = write_nifti(volume, out_dir / f"{name}.nii.gz")
     for m, volume in study.items():
         if volume.meta.get("dicom"):
             files[f"{m}.input.nii.gz"] = write_nifti(volume, out_dir / f"{m}.input.nii.gz")

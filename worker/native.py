@@ -31,7 +31,14 @@ class JobResult:
     brain_mask: np.ndarray | None = None  # on the output grid
     reference_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # acquired targets on the output grid
     preview_png: bytes | None = None
+    overlays: dict[str, Volume] = field(default_factory=dict)  # the viewer's overlays (OVERLAYS), on the output grid
     native: Any = None  # the model.native.NativeStudy (atlas-space inputs, transforms)
+
+
+# result name (``{name}.nii.gz``) -> what the viewer draws it as (api/ui/js/job.js): a raw study's checks
+OVERLAYS = {"brain_mask.outline": "the deepbet brain mask's outline, where the model saw brain",
+            "registration.edges": "edges of the chain's reference series moved onto the output grid by its "
+                                  "registration: they should lie on the anatomy of every other series"}
 
 
 def run(synth: Any, study: dict[str, Volume], targets: list[str], *, preprocess: str, output_grid: str,
@@ -90,8 +97,35 @@ def _full(synth: Any, study: dict[str, Volume], given: dict[str, Volume], target
     record["versions"] |= {"deepbet": describe()["version"]}
     record["registration_check"] = registration_check(ns)
     preview = preview_png(ns, inner, atlas_inputs)
+    out_shape, out_affine = ns.grids[grid] if grid != "atlas" else (native.ATLAS_SHAPE, native.ATLAS_AFFINE)
+    if grid == "atlas":
+        on_grid = ns.atlas_volumes[ns.reference].data
+    elif grid == ns.reference:
+        on_grid = given[ns.reference].data
+    else:
+        on_grid = native.resample(given[ns.reference], ns.to_native[ns.reference] @ np.linalg.inv(ns.to_native[grid]),
+                                  out_shape, out_affine)
+    overlays = {"brain_mask.outline": Volume(outline(mask), out_affine.copy(), {}),
+                "registration.edges": Volume(edges3d(np.asarray(on_grid, dtype=np.float32), mask), out_affine.copy(),
+                                             {})}
     return JobResult(volumes, uncertainty, {**inner.timings, "preprocess": ns.record["timings_seconds"]["total"]},
-                        meta, mask, references, preview, ns), record
+                     meta, mask, references, preview, overlays, ns), record
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The in-plane boundary of a mask, slice by slice along the last axis (uint8 0/1): drawn over a slice it is
+    a contour, not a filled region."""
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(mask, structure=np.array([[[0], [1], [0]], [[1], [1], [1]], [[0], [1], [0]]],
+                                                            dtype=bool))
+    return (mask & ~inner).astype(np.uint8)
+
+
+def edges3d(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Strong in-plane edges of ``image`` inside ``mask`` (gradient magnitude above its 90th percentile there)."""
+    return np.stack([_edges(np.where(mask[..., k], image[..., k], 0.0)) & mask[..., k]
+                     for k in range(image.shape[2])], axis=-1).astype(np.uint8)
 
 
 def _edges(a: np.ndarray) -> np.ndarray:

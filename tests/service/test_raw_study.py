@@ -75,6 +75,9 @@ def test_philips_study_as_dicom_comes_out_on_the_flair_grid(raw_service, tmp_pat
         archive = zipfile.ZipFile(io.BytesIO(client.get(job["results"]["flair.dicom.zip"]).content))
         report = client.get(job["results"]["report.html"]).text
         assert client.get(job["results"]["preview.png"]).content[:4] == b"\x89PNG"
+        overlays = {name: nib.Nifti1Image.from_bytes(gzip.decompress(client.get(job["results"][f"{name}.nii.gz"]
+                                                                                ).content))
+                    for name in ("brain_mask.outline", "registration.edges")}
 
     # the chain ran, and says what it did
     pre = record["preprocessing"]
@@ -98,6 +101,24 @@ def test_philips_study_as_dicom_comes_out_on_the_flair_grid(raw_service, tmp_pat
     np.testing.assert_allclose(flair.affine, acquired.affine, atol=1e-4)
     data = np.asarray(flair.dataobj)
     assert data.min() >= 0 and data.max() <= 1 and (data > 0).mean() > 0.1
+    # the viewer's overlays on the FLAIR grid: the mask's outline, and the T1's edges moved there by the registration
+    # lie on the acquired FLAIR's edges (far more than the same edges shifted by 8 voxels do)
+    from scipy import ndimage
+
+    from worker.native import edges3d
+
+    outline, t1_edges = (np.asarray(overlays[n].dataobj) for n in ("brain_mask.outline", "registration.edges"))
+    for image in overlays.values():
+        assert image.shape == flair.shape and np.allclose(image.affine, flair.affine, atol=1e-4)
+    brain = np.stack([ndimage.binary_fill_holes(outline[..., k]) for k in range(outline.shape[2])], axis=-1)
+    assert set(np.unique(outline)) == {0, 1} and 0 < outline.sum() < 0.2 * brain.sum()
+    assert t1_edges.any() and not (t1_edges.astype(bool) & ~brain).any()
+    near_flair_edges = ndimage.binary_dilation(edges3d(np.asarray(acquired.dataobj, np.float32), brain).astype(bool),
+                                               structure=np.ones((3, 3, 1), bool))
+    aligned = near_flair_edges[t1_edges > 0].mean()
+    shifted = near_flair_edges[np.roll(t1_edges, 8, axis=0) > 0].mean()
+    print(f"\nT1 edges on FLAIR edges: {aligned:.2f} registered, {shifted:.2f} shifted 8 voxels")
+    assert aligned > 1.3 * shifted
     metrics = record["validation"]["metrics"]["flair"]
     assert math.isfinite(metrics["brasyn_psnr"]) and metrics["brasyn_psnr"] > 10 and 0 < metrics["brasyn_ssim"] <= 1
     print(f"\nPhilips FLAIR from T1 + T2 on the FLAIR grid: {json.dumps(metrics)}")
