@@ -123,9 +123,18 @@ def outline(mask: np.ndarray) -> np.ndarray:
 
 
 def edges3d(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Strong in-plane edges of ``image`` inside ``mask`` (gradient magnitude above its 90th percentile there)."""
-    return np.stack([_edges(np.where(mask[..., k], image[..., k], 0.0)) & mask[..., k]
-                     for k in range(image.shape[2])], axis=-1).astype(np.uint8)
+    """Strong in-plane edges of ``image`` within ``mask`` (uint8 0/1): the in-plane gradient magnitude of the image
+    as it is (not masked: the mask's own border is no edge of the anatomy) above its 90th percentile inside the
+    mask eroded by 2 voxels, slice by slice."""
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(mask, structure=np.ones((3, 3, 1), dtype=bool), iterations=2)
+    out = np.zeros(image.shape, dtype=np.uint8)
+    for k in range(image.shape[2]):
+        g = np.hypot(ndimage.sobel(image[..., k], 0), ndimage.sobel(image[..., k], 1))
+        if inner[..., k].any():
+            out[..., k] = (g > np.percentile(g[inner[..., k]], 90)) & inner[..., k]
+    return out
 
 
 def _edges(a: np.ndarray) -> np.ndarray:

@@ -144,12 +144,12 @@ def test_sign_in_follow_a_job_view_slices_and_download(ui_service, page, tmp_pat
     assert page.evaluate(PIXELS, "flair") == wheeled
 
     # the uncertainty overlay on the synthesized panel: off, on, more opaque
-    page.locator("[data-overlay-toggle='flair']").uncheck()
+    page.locator("[data-overlay-toggle='flair/uncertainty']").uncheck()
     plain = page.evaluate(PIXELS, "flair")
     assert plain[2] != wheeled[2], "hiding the uncertainty overlay changed nothing"
-    page.locator("[data-overlay-toggle='flair']").check()
+    page.locator("[data-overlay-toggle='flair/uncertainty']").check()
     assert page.evaluate(PIXELS, "flair") == wheeled
-    page.locator("[data-overlay-opacity='flair']").fill("100")
+    page.locator("[data-overlay-opacity='flair/uncertainty']").fill("100")
     assert page.evaluate(PIXELS, "flair")[2] not in (wheeled[2], plain[2])
 
     # zoom (Ctrl+wheel) and pan (middle-drag) are per panel: the others keep theirs
@@ -348,3 +348,51 @@ def test_niivue_reads_what_nibabel_reads(ui_service, page):
         assert got["dims"] == list(shape), (name, got["dims"], shape)
         np.testing.assert_allclose(got["data"], expected, rtol=1e-5, atol=1e-3, err_msg=name)
         np.testing.assert_allclose(got["spacing"], zooms, rtol=1e-4, err_msg=name)
+
+
+def test_raw_study_overlays_toggle_on_their_panels(ui_service, page):
+    """A raw study's overlays (worker.native: the brain-mask outline and the registration edges, the very functions
+    that make them) in the viewer as the job page hands them over: the outline on the input and synthesized panels,
+    the edges on the synthesized one; each toggle and opacity changes that panel's pixels and no other's."""
+    from worker.native import edges3d, outline
+
+    page.goto(f"{ui_service.base}/ui/")
+    x, y, _ = np.meshgrid(np.arange(64) - 32, np.arange(64) - 32, np.arange(6), indexing="ij")
+    head = np.clip(1 - (x**2 + y**2) / 30**2, 0, 1).astype(np.float32) * (1 + 0.5 * (x > 4))
+    mask = x**2 + y**2 < 24**2
+    volumes = {"image": head, "outline": outline(mask), "edges": edges3d(head, mask)}
+    assert volumes["outline"].any() and volumes["edges"].any()
+    encoded = {k: base64.b64encode(gzip.compress(nib.Nifti1Image(v, np.diag([2.0, 2.0, 4.0, 1.0])).to_bytes())).decode()
+               for k, v in volumes.items()}
+    loaded = page.evaluate("""async (b) => {
+      const { Viewer } = await import('/ui/js/viewer.js');
+      const bytes = (k) => Uint8Array.from(atob(b[k]), (c) => c.charCodeAt(0)).buffer;
+      const outline = { id: "outline", title: "brain mask outline", kind: "outline", bytes: bytes("outline"),
+                        name: "outline.nii.gz" };
+      const edges = { id: "edges", title: "registration edges", kind: "edges", bytes: bytes("edges"),
+                      name: "edges.nii.gz" };
+      const v = new Viewer([
+        { id: "t1", title: "T1 (input)", bytes: bytes("image"), name: "t1.nii.gz", overlays: [outline] },
+        { id: "flair", title: "FLAIR SYNTHETIC", bytes: bytes("image"), name: "flair.nii.gz", synthetic: true,
+          overlays: [outline, edges] }]);
+      document.querySelector("#view").replaceChildren(v.element);
+      await v.load();
+      window.msgldmViewer = v;
+      return v.panels.map((p) => p.overlays.map((o) => o.id));
+    }""", encoded)
+    assert loaded == [["outline"], ["outline", "edges"]]
+    screenshot(page, "raw-overlays")  # a phantom: the outline in yellow on both panels, the edges in cyan on one
+    both, t1 = page.evaluate(PIXELS, "flair"), page.evaluate(PIXELS, "t1")
+    page.locator("[data-overlay-toggle='flair/outline']").uncheck()
+    no_outline = page.evaluate(PIXELS, "flair")
+    assert no_outline[2] != both[2] and page.evaluate(PIXELS, "t1") == t1  # only that panel's outline
+    page.locator("[data-overlay-toggle='flair/edges']").uncheck()
+    plain = page.evaluate(PIXELS, "flair")
+    assert plain[2] not in (both[2], no_outline[2]) and plain[3] < both[3]  # the overlays lit pixels
+    page.locator("[data-overlay-toggle='flair/outline']").check()
+    page.locator("[data-overlay-toggle='flair/edges']").check()
+    assert page.evaluate(PIXELS, "flair") == both
+    page.locator("[data-overlay-opacity='flair/edges']").fill("100")
+    assert page.evaluate(PIXELS, "flair")[2] != both[2]
+    page.locator("[data-overlay-toggle='t1/outline']").uncheck()
+    assert page.evaluate(PIXELS, "t1")[2] != t1[2]

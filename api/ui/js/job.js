@@ -8,6 +8,8 @@ const BANNER = "SYNTHETIC - not for primary diagnosis";
 
 function label(name) {
   const m = name.split(".")[0].toUpperCase();
+  if (name === "brain_mask.outline.nii.gz") return "Brain mask outline (NIfTI)";
+  if (name === "registration.edges.nii.gz") return "Registration edges (NIfTI)";
   if (name.endsWith(".uncertainty.nii.gz")) return `${m} uncertainty (NIfTI)`;
   if (name.endsWith(".reference.nii.gz")) return `${m} reference, normalised (NIfTI)`;
   if (name.endsWith(".input.nii.gz")) return `${m} input (NIfTI)`;
@@ -25,23 +27,28 @@ function rank(name) {  // synthesized NIfTI first, then other NIfTI, DICOM, repo
   return 3;
 }
 
-/** The series to show: inputs, then per target synthesized (its uncertainty as an overlay) and reference. */
+/** The series to show: inputs, then per target synthesized and reference; the overlays of each (the uncertainty
+ * on the synthesized panel; for a raw study the brain-mask outline on every panel and the registration edges on
+ * the synthesized and reference panels). One overlay object per result, shared by the panels that show it. */
 function seriesOf(job) {
   const base = `/api/v1/jobs/${job.id}`;
   const res = job.results;
   const out = [];
+  const overlay = (name, id, title, kind) => (res[name] ? { id, title, kind, url: res[name] } : null);
+  const outline = overlay("brain_mask.outline.nii.gz", "outline", "brain mask outline", "outline");
+  const edges = overlay("registration.edges.nii.gz", "edges", "registration edges", "edges");
   for (const m of ORDER.filter((x) => job.inputs.includes(x) && !job.targets.includes(x))) {
     const url = res[`${m}.input.nii.gz`] || `${base}/inputs/${m}`;  // a DICOM input's NIfTI, else the upload
-    out.push({ id: m, title: `${m.toUpperCase()} (input)`, url });
+    out.push({ id: m, title: `${m.toUpperCase()} (input)`, url, overlays: [outline].filter(Boolean) });
   }
   for (const t of job.targets) {
     if (res[`${t}.nii.gz`]) {
-      const overlay = res[`${t}.uncertainty.nii.gz`]
-        ? { id: `${t}.uncertainty`, title: "uncertainty (SD)", url: res[`${t}.uncertainty.nii.gz`] } : null;
-      out.push({ id: t, title: `${t.toUpperCase()} SYNTHETIC`, url: res[`${t}.nii.gz`], synthetic: true, overlay });
+      const sd = overlay(`${t}.uncertainty.nii.gz`, "uncertainty", "uncertainty (SD)", "uncertainty");
+      out.push({ id: t, title: `${t.toUpperCase()} SYNTHETIC`, url: res[`${t}.nii.gz`], synthetic: true,
+        overlays: [sd, outline, edges].filter(Boolean) });
     }
     if (res[`${t}.reference.nii.gz`]) out.push({ id: `${t}.reference`, title: `${t.toUpperCase()} reference (acquired)`,
-      url: res[`${t}.reference.nii.gz`], differenceOf: t });
+      url: res[`${t}.reference.nii.gz`], differenceOf: t, overlays: [outline, edges].filter(Boolean) });
   }
   return out;
 }
@@ -157,7 +164,7 @@ export function jobView(root, jobId) {
     const series = seriesOf(job);
     const status = h("p", { class: "muted", id: "viewer-status", "aria-live": "polite" }, "Loading volumes…");
     put(viewerBox, h("h2", {}, "Viewer"), status);
-    const files = series.flatMap((s) => (s.overlay ? [s, s.overlay] : [s]));
+    const files = [...new Set(series.flatMap((s) => [s, ...s.overlays]))];
     for (const [i, s] of files.entries()) {  // with the key in a header; NiiVue gets the bytes, never a URL
       s.bytes = await fetchBytes(s.url, (n, total) => {
         status.textContent = `Loading ${s.title} (${i + 1}/${files.length}): ${(n / 1e6).toFixed(1)}`

@@ -1,6 +1,7 @@
 // Slice viewer on NiiVue (WebGL2; ../vendor/niivue.js, installed from npm by `make install`, docs/ui.md): one
 // NiiVue instance per series, side by side, the crosshair (hence the slices) linked across them, zoom and pan per
-// panel unless "Link zoom" is on, window/level per panel, the uncertainty as an overlay on the synthesized panel.
+// panel unless "Link zoom" is on, window/level per panel, overlays each with a toggle and an opacity (the
+// uncertainty on the synthesized panel, with its colour bar; a raw study's brain-mask outline and registration edges).
 // Radiological convention: the patient's right is on the viewer's left.
 import { DRAG_MODE, NVImage, Niivue, SLICE_TYPE } from "../vendor/niivue.js";
 import { h } from "./dom.js";
@@ -15,6 +16,13 @@ const LAYOUTS = {  // layout -> NiiVue slice type and the RAS voxel axis the sli
 const DIFF_CMAP = {  // synthetic - reference: blue (synthesis too dark) - black (equal) - red (too bright)
   R: [0, 0, 0, 128, 255], G: [0, 0, 0, 0, 0], B: [255, 128, 0, 0, 0], A: [255, 255, 255, 255, 255],
   I: [0, 64, 128, 192, 255],
+};
+const OUTLINE_CMAP = { R: [0, 255], G: [0, 208], B: [0, 0], A: [0, 255], I: [0, 255] };  // 1: yellow
+const EDGES_CMAP = { R: [0, 0], G: [0, 229], B: [0, 255], A: [0, 255], I: [0, 255] };  // 1: cyan
+const OVERLAY_LOOK = {  // overlay kind -> colormap, window, opacity, colour bar
+  uncertainty: { colormap: "hot", opacity: 0.6, colorbar: true },
+  outline: { colormap: "msgldm_outline", opacity: 0.9, range: [0.5, 1], colorbar: false },
+  edges: { colormap: "msgldm_edges", opacity: 0.6, range: [0.5, 1], colorbar: false },
 };
 const OPTIONS = {
   isRadiologicalConvention: true, backColor: [0, 0, 0, 1], crosshairColor: [0.2, 0.9, 0.3, 0.9], show3Dcrosshair: false,
@@ -43,12 +51,14 @@ function difference(synth, ref) {
 }
 
 export class Viewer {
-  /** series: [{id, title, bytes (ArrayBuffer of a NIfTI), name, synthetic, overlay: {bytes, name, title}, differenceOf}] */
+  /** series: [{id, title, bytes (ArrayBuffer of a NIfTI), name, synthetic, differenceOf,
+   *            overlays: [{id, title, kind (OVERLAY_LOOK), bytes, name}]}] */
   constructor(series) {
     this.series = series;
     this.layout = "axial";
     this.linkZoom = false;
-    this.panels = [];  // {id, title, nv, canvas, figure, synthetic, range: [lo, hi] (the reset window), width, level}
+    this.panels = [];  // {id, title, nv, canvas, figure, synthetic, range: [lo, hi] (the reset window), width, level,
+    //                     overlays: [{id, index (in nv.volumes), opacity, colorbar}]}
     this.element = h("section", { class: "viewer", tabindex: 0, "aria-label": "Slice viewer (arrow keys scroll slices)" });
     this.element.addEventListener("keydown", (e) => this.key(e), { capture: true });  // before NiiVue's own keys
   }
@@ -77,6 +87,8 @@ export class Viewer {
       const nv = new Niivue({ ...OPTIONS });
       await nv.attachToCanvas(panel.canvas);
       nv.addColormap("msgldm_diff", DIFF_CMAP);
+      nv.addColormap("msgldm_outline", OUTLINE_CMAP);
+      nv.addColormap("msgldm_edges", EDGES_CMAP);
       panel.nv = nv;
       let image;
       if (s.diffOf) {
@@ -87,15 +99,19 @@ export class Viewer {
       }
       image.colorbarVisible = false;
       nv.addVolume(image);  // uploads it (updateGLVolume)
-      if (s.overlay) {
-        const overlay = await NVImage.loadFromUrl({ url: s.overlay.name, name: s.overlay.name,
-          buffer: s.overlay.bytes.slice(0), colormap: "hot", opacity: 0.6 });
-        overlay.cal_max = overlay.robust_max || overlay.global_max;  // below cal_min: transparent (the anatomy)
-        overlay.cal_min = Math.max(overlay.robust_min, 0.35 * overlay.cal_max);
-        overlay.colorbarVisible = true;
-        nv.opts.isColorbar = true;
+      for (const o of s.overlays || []) {
+        const look = OVERLAY_LOOK[o.kind];
+        const overlay = await NVImage.loadFromUrl({ url: o.name, name: o.name, buffer: o.bytes.slice(0),
+          colormap: look.colormap, opacity: look.opacity });
+        if (look.range) [overlay.cal_min, overlay.cal_max] = look.range;
+        else {  // below cal_min: transparent (the anatomy shows)
+          overlay.cal_max = overlay.robust_max || overlay.global_max;
+          overlay.cal_min = Math.max(overlay.robust_min, 0.35 * overlay.cal_max);
+        }
+        overlay.colorbarVisible = look.colorbar;
+        nv.opts.isColorbar = nv.opts.isColorbar || look.colorbar;
         nv.addVolume(overlay);
-        panel.overlayOpacity = 0.6;
+        panel.overlays.push({ id: o.id, index: nv.volumes.length - 1, opacity: look.opacity, colorbar: look.colorbar });
       }
       panel.range = [nv.volumes[0].cal_min, nv.volumes[0].cal_max];
       nv.onLocationChange = () => this.follow(nv);
@@ -128,7 +144,7 @@ export class Viewer {
     const stage = h("div", { class: "panel-stage" }, canvas,
       s.synthetic ? h("div", { class: "panel-banner", "data-banner": s.id }, BANNER) : null);
     stage.addEventListener("wheel", (e) => this.zoom(e, panel), { capture: true, passive: false });
-    const panel = { id: s.id, title: s.title, canvas, synthetic: Boolean(s.synthetic) };
+    const panel = { id: s.id, title: s.title, canvas, synthetic: Boolean(s.synthetic), overlays: [] };
     const label = `${s.title}: `;
     panel.width = h("input", { type: "range", min: 2, max: 200, value: 100, "aria-label": `${label}window`,
       "data-window": s.id, oninput: () => this.applyWindow(panel) });
@@ -136,11 +152,13 @@ export class Viewer {
       "data-level": s.id, oninput: () => this.applyWindow(panel) });
     const rows = [h("label", {}, "W ", panel.width), h("label", {}, "L ", panel.level),
       h("button", { type: "button", "data-reset": s.id, onclick: () => this.resetWindow(panel) }, "Reset")];
-    if (s.overlay) {
-      rows.push(h("label", {}, h("input", { type: "checkbox", checked: true, "data-overlay-toggle": s.id,
-        onchange: (e) => this.setOverlay(panel, e.target.checked) }), ` ${s.overlay.title}`),
-      h("label", {}, "opacity ", h("input", { type: "range", min: 0, max: 100, value: 60, "data-overlay-opacity": s.id,
-        "aria-label": `${s.overlay.title} opacity`, oninput: (e) => this.setOverlay(panel, true, Number(e.target.value) / 100) })));
+    for (const o of s.overlays || []) {  // data-overlay-*: "<panel>/<overlay>"
+      const key = `${s.id}/${o.id}`;
+      rows.push(h("label", {}, h("input", { type: "checkbox", checked: true, "data-overlay-toggle": key,
+        onchange: (e) => this.setOverlay(panel, o.id, e.target.checked) }), ` ${o.title}`),
+      h("label", {}, "opacity ", h("input", { type: "range", min: 0, max: 100, value: Math.round(100 * OVERLAY_LOOK[o.kind].opacity),
+        "data-overlay-opacity": key, "aria-label": `${s.title}: ${o.title} opacity`,
+        oninput: (e) => this.setOverlay(panel, o.id, true, Number(e.target.value) / 100) })));
     }
     panel.figure = h("figure", { class: `panel ${s.synthetic ? "synthetic" : ""}`, "data-panel": s.id, style: "margin:0" },
       h("h3", {}, s.title), stage, h("div", { class: "panel-controls" }, rows));
@@ -261,14 +279,18 @@ export class Viewer {
 
   resetAll() { this.panels.forEach((p) => this.resetWindow(p)); }
 
-  setOverlay(panel, visible, opacity = panel.overlayOpacity) {
-    panel.overlayOpacity = opacity;
+  /** Show or hide one overlay of a panel (at `opacity`, remembered); its colour bar goes with it. */
+  setOverlay(panel, overlayId, visible, opacity) {
+    const o = panel.overlays.find((x) => x.id === overlayId);
+    if (opacity !== undefined) o.opacity = opacity;
     const nv = panel.nv;
-    nv.volumes[1].colorbarVisible = visible;
-    nv.opts.isColorbar = visible;
-    const toggle = panel.figure.querySelector("[data-overlay-toggle]");
+    if (o.colorbar) {
+      nv.volumes[o.index].colorbarVisible = visible;
+      nv.opts.isColorbar = visible;
+    }
+    const toggle = panel.figure.querySelector(`[data-overlay-toggle="${panel.id}/${overlayId}"]`);
     if (toggle.checked !== visible) toggle.checked = visible;
-    nv.setOpacity(1, visible ? opacity : 0);
+    nv.setOpacity(o.index, visible ? o.opacity : 0);
   }
 
   destroy() {
