@@ -51,7 +51,8 @@ def to_public(session: Session, job: Job) -> JobPublic:
         results={name: f"{base}/results/{name}" for name in job.results}, source=job.source,
         deliveries=[DeliveryPublic(node=d.node, status=d.status, attempts=d.attempts, error=d.error,
                                    instances=d.instances, verified_at=d.verified_at)
-                    for d in deliveries.for_job(session, job.id)],
+                    for d in deliveries.for_job(session, job.id)]
+        if "dicom" in (job.formats or []) else [],  # deliveries need the DICOM result: no query for the others
     )
 
 
