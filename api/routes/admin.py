@@ -9,13 +9,11 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api import datasets
+from api import datasets, training_runs
 from api.auth import require
 from api.core import audit, registry
 from api.core import training as runs
-from api.core.errors import ProblemError
-from api.core.models import ApiKey, JobStatus, ModelVersion, TrainingRun
-from api.core.queue import publish_or_undo, publish_training
+from api.core.models import ApiKey, JobStatus, TrainingRun
 from api.deps import SessionDep, StorageDep
 from api.pagination import newest_first
 from api.routes.models import to_public as version_public
@@ -72,24 +70,7 @@ async def validate_dataset(spec: DatasetSpec, storage: StorageDep, preset: str |
 async def create_run(body: TrainingRunCreate, response: Response, session: SessionDep, storage: StorageDep,
                      key: ApiKey = ADMIN) -> TrainingRunPublic:
     """Queue a training run on the training queue; refused with the dataset report when the dataset is invalid."""
-    modalities = datasets.preset_modalities(body.preset)
-    if body.base_version is not None:
-        base = session.get(ModelVersion, body.base_version)
-        if base is None:
-            raise ProblemError(422, "unknown_base_version", f"no model version {body.base_version}")
-        modalities = base.modalities or modalities
-    report = await run_in_threadpool(datasets.validate, body.dataset, storage, modalities)
-    if not report.valid:
-        raise ProblemError(422, "invalid_dataset", f"the dataset is not usable: {'; '.join(report.problems[:5])}",
-                           report=report.model_dump())
-    params = body.model_dump(exclude={"preset", "dataset"})
-    run = TrainingRun(owner_id=key.id, preset=body.preset, dataset=body.dataset.model_dump(exclude_none=True),
-                      params=params | {"cases": report.cases}, history=[], log_tail="")
-    session.add(run)
-    session.commit()
-    publish_or_undo(session, run, publish_training)
-    audit.record(session, key, "model.train", "training_run", run.id,
-                 {"preset": run.preset, "stages": params.get("stages"), "base_version": params.get("base_version")})
+    run = await run_in_threadpool(lambda: training_runs.queue_run(session, storage, key=key, request=body))
     response.headers["Location"] = f"/api/v1/admin/training-runs/{run.id}"
     return run_public(run)
 
