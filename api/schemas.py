@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -32,10 +32,22 @@ JOB_EXAMPLE: dict[str, Any] = {
         "flair.dicom.zip": "/api/v1/jobs/3b0c1a52-8f4e-4c55-9a51-2f1d7c9e4b10/results/flair.dicom.zip",
         "record.json": "/api/v1/jobs/3b0c1a52-8f4e-4c55-9a51-2f1d7c9e4b10/results/record.json",
     },
+    "result_kinds": {"flair.nii.gz": {"kind": "synthesized", "modality": "flair", "overlay": None},
+                     "flair.dicom.zip": {"kind": "dicom", "modality": "flair", "overlay": None},
+                     "record.json": {"kind": "record", "modality": None, "overlay": None}},
     "source": None,
     "deliveries": [{"node": "orthanc", "status": "delivered", "attempts": 1, "error": None, "instances": 35,
                     "verified_at": "2026-11-22T09:14:33.210Z"}],
 }
+
+
+class ResultKindPublic(BaseModel):
+    kind: Literal["synthesized", "uncertainty", "reference", "input", "dicom", "overlay", "preview", "report",
+                  "record"] = Field(description="synthesized volume, its uncertainty (SD), the normalised reference "
+                                                "(validation mode), a decoded DICOM input, the DICOM series (zip), a "
+                                                "raw study's viewer overlay, preview.png, report.html, record.json")
+    modality: str | None = Field(None, description="the modality it belongs to (None: the job's own files)")
+    overlay: str | None = Field(None, description="kind overlay: brain_mask.outline or registration.edges")
 
 
 class JobError(BaseModel):
@@ -90,6 +102,8 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
     error: JobError | None
     results: dict[str, str] = Field(description="result name -> URL to download it")
+    result_kinds: dict[str, ResultKindPublic] = Field(default_factory=dict,
+                                                     description="result name -> what it is (api/core/results.py)")
     source: dict[str, Any] | None = Field(None, description="a pull job: the node, study_uid, series_uids asked "
                                           "for and, once retrieved, what was fetched")
     deliveries: list[DeliveryPublic] = Field(default_factory=list, description="deliver_to: one entry per node")

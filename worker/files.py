@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from api.core import results as result_names
 from api.core.models import Job
 from api.core.storage import get_storage
 from worker.native import JobResult
@@ -79,14 +80,14 @@ def write_result_files(job: Job, result: JobResult, study: dict[str, Any], workd
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     for m, volume in result.volumes.items():
-        files[f"{m}.nii.gz"] = write_nifti(volume, out_dir / f"{m}.nii.gz")
+        files[result_names.synthesized(m)] = write_nifti(volume, out_dir / result_names.synthesized(m))
     for m, volume in (result.uncertainty or {}).items():
-        files[f"{m}.uncertainty.nii.gz"] = write_nifti(volume, out_dir / f"{m}.uncertainty.nii.gz")
+        files[result_names.uncertainty(m)] = write_nifti(volume, out_dir / result_names.uncertainty(m))
     for name, volume in result.overlays.items():  # a raw study's checks, drawn over the viewer's panels
-        files[f"{name}.nii.gz"] = write_nifti(volume, out_dir / f"{name}.nii.gz")
+        files[result_names.overlay(name)] = write_nifti(volume, out_dir / result_names.overlay(name))
     for m, volume in study.items():
         if volume.meta.get("dicom"):
-            files[f"{m}.input.nii.gz"] = write_nifti(volume, out_dir / f"{m}.input.nii.gz")
+            files[result_names.decoded_input(m)] = write_nifti(volume, out_dir / result_names.decoded_input(m))
     if "dicom" in (job.formats or []):
         reference = result.meta.get("reference") or next(iter(study))
         ref_dicom = None if result.meta.get("output_grid") == "atlas" else study[reference].meta.get("dicom")
@@ -99,5 +100,5 @@ def write_result_files(job: Job, result: JobResult, study: dict[str, Any], workd
                             f"{meta.get('samples', 1)} sample(s); reference grid {reference.upper()}"),
                 sources=_sources(study, volume.affine, volume.shape), software_version=software_version)
             paths = write_dicom_series(volume, workdir / f"dicom-{m}", series, ref_dicom)
-            files[f"{m}.dicom.zip"] = zip_series(paths, out_dir / f"{m}.dicom.zip", f"synthetic-{m}")
+            files[result_names.dicom(m)] = zip_series(paths, out_dir / result_names.dicom(m), f"synthetic-{m}")
     return files

@@ -21,6 +21,7 @@ import pydicom
 from sqlalchemy import update
 
 from api.core import deliveries
+from api.core import results as result_names
 from api.core.db import session_scope
 from api.core.errors import ProblemError
 from api.core.models import Job
@@ -242,7 +243,7 @@ def result_instances(results: dict[str, str], workdir: Path) -> list[Path]:
     storage = get_storage()
     paths: list[Path] = []
     for name, key in sorted(results.items()):
-        if not name.endswith(".dicom.zip"):
+        if result_names.kind_of(name).kind != "dicom":
             continue
         local = storage.get_file(key, workdir / name)
         with zipfile.ZipFile(local) as zf:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from api.core import results as result_names
 from api.core.models import Job
 from worker.native import JobResult
 
@@ -56,14 +57,15 @@ def write_report(job: Job, result: JobResult, record: dict[str, Any], study: dic
         for m, ref in references.items():
             acquired = result.reference_arrays.get(m, ref.data)
             normalized[m] = paper_reference(acquired, brain, preprocess_cfg.clip_percentiles)  # the model's scale
-            files[f"{m}.reference.nii.gz"] = write_nifti(
+            files[result_names.reference(m)] = write_nifti(
                 Volume(normalized[m].astype(np.float32), result.volumes[m].affine, {}),
-                workdir / f"{m}.reference.nii.gz")
-    files["preview.png"] = workdir / "preview.png"
-    files["preview.png"].write_bytes(result.preview_png or montage(inputs, result, normalized))
+                workdir / result_names.reference(m))
+    files[result_names.PREVIEW] = workdir / result_names.PREVIEW
+    files[result_names.PREVIEW].write_bytes(result.preview_png or montage(inputs, result, normalized))
     record.setdefault("timings_seconds", {})["report"] = time.perf_counter() - t0
-    files["report.html"] = workdir / "report.html"
-    files["report.html"].write_text(report_html(record, files["preview.png"].read_bytes()), encoding="utf-8")
+    files[result_names.REPORT] = workdir / result_names.REPORT
+    page = report_html(record, files[result_names.PREVIEW].read_bytes())
+    files[result_names.REPORT].write_text(page, encoding="utf-8")
     return files
 
 

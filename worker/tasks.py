@@ -14,6 +14,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 
 from api.core import jobs
+from api.core import results as result_names
 from api.core.db import session_scope
 from api.core.models import Job
 from api.core.queue import SYNTHESIZE_TASK, publish_synthesis
@@ -93,8 +94,8 @@ def _write_results(job: Job, claim: jobs.Claim, result: native.JobResult, record
     paths = files.write_result_files(job, result, study, workdir)
     paths |= write_report(job, result, record, study, workdir,  # validation metrics, preview.png, report.html
                           preprocess_cfg=synth.config.preprocess, modalities=synth.modalities)
-    paths["record.json"] = workdir / "record.json"
-    paths["record.json"].write_text(json.dumps(record, indent=2, default=str))
+    paths[result_names.RECORD] = workdir / result_names.RECORD
+    paths[result_names.RECORD].write_text(json.dumps(record, indent=2, default=str))
     prefix = attempt_prefix(job.id, claim.attempt)
     storage = get_storage()
     for name, path in paths.items():

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from api.auth import require
 from api.core import audit, deliveries
+from api.core import results as result_names
 from api.core.errors import ProblemError
 from api.core.models import ApiKey, JobStatus
 from api.core.queue import publish_delivery
@@ -27,7 +28,7 @@ def redeliver(job_id: str, node: str, session: SessionDep, key: ApiKey = require
     SOP Instance UIDs are sent, so the node keeps one copy."""
     job = visible_job(session, key, job_id)
     require_configured([node], get_settings().dicom, "node")
-    if job.status != JobStatus.succeeded or not any(n.endswith(".dicom.zip") for n in job.results):
+    if job.status != JobStatus.succeeded or not any(result_names.kind_of(n).kind == "dicom" for n in job.results):
         raise ProblemError(409, "job_not_succeeded", f"job {job_id} is {job.status} and has no DICOM result to send")
     row = deliveries.redeliver(session, job, node)
     publish_delivery(row.id)

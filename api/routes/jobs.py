@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session
 from api.auth import KeyDep, require
 from api.core import audit, deliveries
 from api.core import jobs as job_states
+from api.core import results as result_names
 from api.core.errors import ProblemError
 from api.core.jobs import JobNotFound
 from api.core.models import ApiKey, Job, JobStatus, Role
@@ -21,7 +23,16 @@ from api.core.queue import publish_synthesis
 from api.core.storage import Storage
 from api.deps import SessionDep, StorageDep
 from api.pagination import newest_first
-from api.schemas import JOB_EXAMPLE, PROBLEM_RESPONSES, DeliveryPublic, JobError, JobList, JobPublic, Problem
+from api.schemas import (
+    JOB_EXAMPLE,
+    PROBLEM_RESPONSES,
+    DeliveryPublic,
+    JobError,
+    JobList,
+    JobPublic,
+    Problem,
+    ResultKindPublic,
+)
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "no such job (or not yours)"}}
@@ -48,7 +59,9 @@ def to_public(session: Session, job: Job) -> JobPublic:
         finished_at=job.finished_at,
         error=JobError(code=job.error_code, message=job.error_message or "")
         if job.status == JobStatus.failed and job.error_code else None,
-        results={name: f"{base}/results/{name}" for name in job.results}, source=job.source,
+        results={name: f"{base}/results/{name}" for name in job.results},
+        result_kinds={name: ResultKindPublic(**asdict(result_names.kind_of(name))) for name in job.results},
+        source=job.source,
         deliveries=[DeliveryPublic(node=d.node, status=d.status, attempts=d.attempts, error=d.error,
                                    instances=d.instances, verified_at=d.verified_at)
                     for d in deliveries.for_job(session, job.id)]

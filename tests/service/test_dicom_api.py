@@ -250,6 +250,10 @@ def test_real_sagittal_series_round_trips_through_the_service(one_thread_workers
         assert job["status"] == "succeeded", f"{job}\n{service.log_text()}"
         assert set(job["results"]) == {"flair.nii.gz", "flair.dicom.zip", "t1.input.nii.gz", "record.json",
                                       "preview.png", "report.html"}
+        assert {n: (k["kind"], k["modality"]) for n, k in job["result_kinds"].items()} == {
+            "flair.nii.gz": ("synthesized", "flair"), "flair.dicom.zip": ("dicom", "flair"),
+            "t1.input.nii.gz": ("input", "t1"), "record.json": ("record", None), "preview.png": ("preview", None),
+            "report.html": ("report", None)}
         flair = nib.Nifti1Image.from_bytes(gzip.decompress(client.get(job["results"]["flair.nii.gz"]).content))
         t1 = nib.Nifti1Image.from_bytes(gzip.decompress(client.get(job["results"]["t1.input.nii.gz"]).content))
         record = client.get(job["results"]["record.json"]).json()

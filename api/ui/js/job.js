@@ -6,25 +6,19 @@ import { Viewer } from "./viewer.js";
 const ORDER = ["t1", "t2", "t1ce", "flair"];
 const BANNER = "SYNTHETIC - not for primary diagnosis";
 
-function label(name) {
-  const m = name.split(".")[0].toUpperCase();
-  if (name === "brain_mask.outline.nii.gz") return "Brain mask outline (NIfTI)";
-  if (name === "registration.edges.nii.gz") return "Registration edges (NIfTI)";
-  if (name.endsWith(".uncertainty.nii.gz")) return `${m} uncertainty (NIfTI)`;
-  if (name.endsWith(".reference.nii.gz")) return `${m} reference, normalised (NIfTI)`;
-  if (name.endsWith(".input.nii.gz")) return `${m} input (NIfTI)`;
-  if (name.endsWith(".nii.gz")) return `${m} synthesized (NIfTI)`;
-  if (/dicom|\.dcm$|\.zip$/i.test(name)) return `${name.replace(/\.(zip|dcm)$/i, "")} (DICOM)`;
-  if (name === "report.html") return "Report (HTML)";
-  if (name === "preview.png") return "Preview (PNG)";
-  if (name === "record.json") return "Record (JSON)";
-  return name;
-}
+const OVERLAY_LABELS = { "brain_mask.outline": "Brain mask outline", "registration.edges": "Registration edges" };
+const RANK = { synthesized: 0, uncertainty: 1, reference: 1, input: 1, overlay: 1, dicom: 2, preview: 3, report: 3,
+  record: 3 };  // downloads: synthesized NIfTI first, then other NIfTI, DICOM, the job's own files
 
-function rank(name) {  // synthesized NIfTI first, then other NIfTI, DICOM, report files
-  if (/\.nii\.gz$/.test(name)) return name.split(".").length === 3 ? 0 : 1;
-  if (/dicom|\.dcm$|\.zip$/i.test(name)) return 2;
-  return 3;
+/** A download's label from what the result is (the job's result_kinds, api/core/results.py). */
+function label(name, k) {
+  const m = (k.modality || "").toUpperCase();
+  return {
+    synthesized: `${m} synthesized (NIfTI)`, uncertainty: `${m} uncertainty (NIfTI)`,
+    reference: `${m} reference, normalised (NIfTI)`, input: `${m} input (NIfTI)`, dicom: `${m} synthesized (DICOM)`,
+    overlay: `${OVERLAY_LABELS[k.overlay] || k.overlay} (NIfTI)`, report: "Report (HTML)", preview: "Preview (PNG)",
+    record: "Record (JSON)",
+  }[k.kind] || name;
 }
 
 /** The series to show: inputs, then per target synthesized and reference; the overlays of each (the uncertainty
@@ -32,23 +26,28 @@ function rank(name) {  // synthesized NIfTI first, then other NIfTI, DICOM, repo
  * the synthesized and reference panels). One overlay object per result, shared by the panels that show it. */
 function seriesOf(job) {
   const base = `/api/v1/jobs/${job.id}`;
-  const res = job.results;
+  const kinds = job.result_kinds;
+  const url = (test) => {  // the URL of the result whose kind passes `test`, or undefined
+    const name = Object.keys(kinds).find((n) => test(kinds[n]));
+    return name && job.results[name];
+  };
+  const of = (kind, m) => url((k) => k.kind === kind && k.modality === m);
+  const overlay = (u, id, title, kind) => (u ? { id, title, kind, url: u } : null);
+  const outline = overlay(url((k) => k.overlay === "brain_mask.outline"), "outline", "brain mask outline", "outline");
+  const edges = overlay(url((k) => k.overlay === "registration.edges"), "edges", "registration edges", "edges");
   const out = [];
-  const overlay = (name, id, title, kind) => (res[name] ? { id, title, kind, url: res[name] } : null);
-  const outline = overlay("brain_mask.outline.nii.gz", "outline", "brain mask outline", "outline");
-  const edges = overlay("registration.edges.nii.gz", "edges", "registration edges", "edges");
   for (const m of ORDER.filter((x) => job.inputs.includes(x) && !job.targets.includes(x))) {
-    const url = res[`${m}.input.nii.gz`] || `${base}/inputs/${m}`;  // a DICOM input's NIfTI, else the upload
-    out.push({ id: m, title: `${m.toUpperCase()} (input)`, url, overlays: [outline].filter(Boolean) });
+    out.push({ id: m, title: `${m.toUpperCase()} (input)`,  // a DICOM input's NIfTI, else the upload
+      url: of("input", m) || `${base}/inputs/${m}`, overlays: [outline].filter(Boolean) });
   }
   for (const t of job.targets) {
-    if (res[`${t}.nii.gz`]) {
-      const sd = overlay(`${t}.uncertainty.nii.gz`, "uncertainty", "uncertainty (SD)", "uncertainty");
-      out.push({ id: t, title: `${t.toUpperCase()} SYNTHETIC`, url: res[`${t}.nii.gz`], synthetic: true,
+    if (of("synthesized", t)) {
+      const sd = overlay(of("uncertainty", t), "uncertainty", "uncertainty (SD)", "uncertainty");
+      out.push({ id: t, title: `${t.toUpperCase()} SYNTHETIC`, url: of("synthesized", t), synthetic: true,
         overlays: [sd, outline, edges].filter(Boolean) });
     }
-    if (res[`${t}.reference.nii.gz`]) out.push({ id: `${t}.reference`, title: `${t.toUpperCase()} reference (acquired)`,
-      url: res[`${t}.reference.nii.gz`], differenceOf: t, overlays: [outline, edges].filter(Boolean) });
+    if (of("reference", t)) out.push({ id: `${t}.reference`, title: `${t.toUpperCase()} reference (acquired)`,
+      url: of("reference", t), differenceOf: t, overlays: [outline, edges].filter(Boolean) });
   }
   return out;
 }
@@ -118,10 +117,11 @@ export function jobView(root, jobId) {
   }
 
   function drawDownloads(job) {
-    const names = Object.keys(job.results).sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
+    const kinds = job.result_kinds;
+    const names = Object.keys(job.results).sort((a, b) => RANK[kinds[a].kind] - RANK[kinds[b].kind] || a.localeCompare(b));
     put(downloads, h("h2", {}, "Downloads"), h("div", { class: "downloads" }, names.map((name) =>
       h("button", { type: "button", "data-result": name, onclick: () => download(job.results[name], `${shortId(job.id)}-${name}`) },
-        label(name)))));
+        label(name, kinds[name])))));
   }
 
   async function drawRecord(job) {

@@ -1,0 +1,25 @@
+"""Result names (api/core/results.py): every name the worker makes reads back as its kind and modality; a name
+outside the grammar is refused rather than guessed."""
+
+import pytest
+
+from api.core import results
+
+
+@pytest.mark.parametrize("modality", ["t1", "flair", "t1ce"])
+def test_every_made_name_reads_back_as_its_kind(modality):
+    made = {results.synthesized(modality): "synthesized", results.uncertainty(modality): "uncertainty",
+            results.reference(modality): "reference", results.decoded_input(modality): "input",
+            results.dicom(modality): "dicom"}
+    for name, kind in made.items():
+        assert results.kind_of(name) == results.ResultKind(kind, modality=modality), name
+    assert len(made) == 5  # five distinct names per modality
+
+
+def test_the_jobs_own_files_and_the_overlays():
+    assert results.kind_of(results.RECORD).kind == "record" and results.kind_of(results.PREVIEW).kind == "preview"
+    assert results.kind_of(results.REPORT) == results.ResultKind("report")
+    for o in results.OVERLAYS:
+        assert results.kind_of(results.overlay(o)) == results.ResultKind("overlay", overlay=o)
+    with pytest.raises(ValueError, match="not a result name"):
+        results.kind_of("notes.txt")
