@@ -242,6 +242,58 @@ def _ddp(module: torch.nn.Module, run: Run) -> torch.nn.Module:
     return module
 
 
+def _autoencoder_loss(model: MSGLDM, wrapped, wrapped_d, x: torch.Tensor, present: torch.Tensor,
+                      gen: torch.Generator, step: int) -> tuple[torch.Tensor, dict, tuple[torch.Tensor, torch.Tensor]]:
+    """Stage 0: one present modality per sample through the shared single-channel autoencoder: L1 (+ SSIM), the
+    codebook or KL term, and after ``disc_start`` the adaptively weighted GAN term. Also returns (input, output)
+    for the discriminator's step."""
+    cfg = model.cfg.autoencoder
+    device = x.device
+    pick = torch.multinomial(present.float().cpu(), 1, generator=gen).squeeze(1).to(device)
+    x1 = x[torch.arange(x.shape[0], device=device), pick][:, None]
+    x_rec, reg = wrapped(x1)
+    rec = F.l1_loss(x_rec.float(), x1)
+    if cfg.perceptual == "ssim":
+        rec = rec + cfg.perceptual_weight * (1 - ssim(x_rec.float(), x1, 2.0)).mean()
+    reg_w = cfg.codebook_weight if cfg.kind == "vq" else cfg.kl_weight
+    loss = rec + reg_w * reg.float()
+    logs: dict[str, float] = {}
+    if step >= cfg.disc_start and cfg.disc_weight > 0:
+        g = generator_loss(wrapped_d(x_rec))
+        w = adaptive_gan_weight(rec, g, model.autoencoder.last_layer) * cfg.disc_weight
+        loss = loss + w * g
+        logs.update(g_loss=g.item(), gan_weight=w.item())
+    logs.update(rec=rec.item(), reg=reg.item())
+    return loss, logs, (x1, x_rec)
+
+
+def _structure_loss(model: MSGLDM, wrapped, b: dict, masker: ModalityMasker) -> tuple[torch.Tensor, dict]:
+    """Stage 1: L_sa per present modality, L_sc, the AdaIN KL and, with labels, L_seg (paper eqs. 6-9)."""
+    cfg = model.cfg.structure
+    x, present = b["x"], b["present"]
+    available = masker(present)
+    out = wrapped(x, available)
+    recon = out["recon"].float()
+    sa = torch.stack(
+        [
+            structure_aware_loss(recon[present[:, j], j][:, None], x[present[:, j], j][:, None], cfg.sa_dct)
+            for j in range(x.shape[1])
+            if present[:, j].any()
+        ]
+    ).mean()
+    sc = style_consistency_loss(out["styles"], out["tau"], valid=present)
+    kl = adain_kl(out["adain_mu"].float(), out["adain_sigma"].float())
+    loss = cfg.sa_weight * sa + cfg.sc_weight * sc + cfg.kl_weight * kl
+    logs: dict[str, float] = {}
+    if cfg.segmentation and b["has_seg"].any():
+        hs = b["has_seg"]
+        seg = segmentation_loss(out["seg_logits"][hs], b["seg"][hs], cfg.seg_bce_weight)
+        loss = loss + cfg.seg_weight * seg
+        logs["seg"] = seg.item()
+    logs.update(sa=sa.item(), sc=sc.item(), kl=kl.item(), tau=out["tau"].item())
+    return loss, logs
+
+
 def train_stage(
     stage: int, model: MSGLDM, train_ds: SliceDataset, val_ds: SliceDataset, run: Run, steps: int, batch: int, seed: int
 ) -> dict:
@@ -343,52 +395,17 @@ def train_stage(
         if crop and crop < b["x"].shape[-1] and step < full_from:
             b = _random_crop(b, crop, gen)
         x, present = b["x"], b["present"]
-        logs: dict[str, float] = {}
         with run.autocast(bf16):
             if stage == 0:
-                # one present modality per sample through the shared single-channel autoencoder
-                pick = torch.multinomial(present.float().cpu(), 1, generator=gen).squeeze(1).to(device)
-                x1 = x[torch.arange(x.shape[0], device=device), pick][:, None]
-                x_rec, reg = wrapped(x1)
-                rec = F.l1_loss(x_rec.float(), x1)
-                if cfg.autoencoder.perceptual == "ssim":
-                    rec = rec + cfg.autoencoder.perceptual_weight * (1 - ssim(x_rec.float(), x1, 2.0)).mean()
-                reg_w = cfg.autoencoder.codebook_weight if cfg.autoencoder.kind == "vq" else cfg.autoencoder.kl_weight
-                loss = rec + reg_w * reg.float()
-                gan_on = step >= cfg.autoencoder.disc_start and cfg.autoencoder.disc_weight > 0
-                if gan_on:
-                    g = generator_loss(wrapped_d(x_rec))
-                    w = adaptive_gan_weight(rec, g, ae.last_layer) * cfg.autoencoder.disc_weight
-                    loss = loss + w * g
-                    logs.update(g_loss=g.item(), gan_weight=w.item())
-                logs.update(rec=rec.item(), reg=reg.item())
+                loss, logs, (x1, x_rec) = _autoencoder_loss(model, wrapped, wrapped_d, x, present, gen, step)
             elif stage == 1:
-                available = masker(present)
-                out = wrapped(x, available)
-                recon = out["recon"].float()
-                sa = torch.stack(
-                    [
-                        structure_aware_loss(
-                            recon[present[:, j], j][:, None], x[present[:, j], j][:, None], cfg.structure.sa_dct
-                        )
-                        for j in range(x.shape[1])
-                        if present[:, j].any()
-                    ]
-                ).mean()
-                sc = style_consistency_loss(out["styles"], out["tau"], valid=present)
-                kl = adain_kl(out["adain_mu"].float(), out["adain_sigma"].float())
-                loss = cfg.structure.sa_weight * sa + cfg.structure.sc_weight * sc + cfg.structure.kl_weight * kl
-                if cfg.structure.segmentation and b["has_seg"].any():
-                    hs = b["has_seg"]
-                    seg = segmentation_loss(out["seg_logits"][hs], b["seg"][hs], cfg.structure.seg_bce_weight)
-                    loss = loss + cfg.structure.seg_weight * seg
-                    logs["seg"] = seg.item()
-                logs.update(sa=sa.item(), sc=sc.item(), kl=kl.item(), tau=out["tau"].item())
+                loss, logs = _structure_loss(model, wrapped, b, masker)
             else:
                 z0, f_s, available = cache.batch(b["index"].cpu(), gen, masker, present)
                 loss = model.diffusion_training_loss(
                     x, available, gen, z0=z0.to(device), f_s=None if f_s is None else f_s.to(device), unet=wrapped
                 )
+                logs = {}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = (
