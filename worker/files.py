@@ -80,14 +80,17 @@ def write_result_files(job: Job, result: JobResult, study: dict[str, Any], workd
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     for m, volume in result.volumes.items():
-        files[result_names.synthesized(m)] = write_nifti(volume, out_dir / result_names.synthesized(m))
+        name = result_names.name("synthesized", m)
+        files[name] = write_nifti(volume, out_dir / name)
     for m, volume in (result.uncertainty or {}).items():
-        files[result_names.uncertainty(m)] = write_nifti(volume, out_dir / result_names.uncertainty(m))
+        name = result_names.name("uncertainty", m)
+        files[name] = write_nifti(volume, out_dir / name)
     for name, volume in result.overlays.items():  # a raw study's checks, drawn over the viewer's panels
         files[result_names.overlay(name)] = write_nifti(volume, out_dir / result_names.overlay(name))
     for m, volume in study.items():
         if volume.meta.get("dicom"):
-            files[result_names.decoded_input(m)] = write_nifti(volume, out_dir / result_names.decoded_input(m))
+            name = result_names.name("input", m)
+            files[name] = write_nifti(volume, out_dir / name)
     if "dicom" in (job.formats or []):
         reference = result.meta.get("reference") or next(iter(study))
         ref_dicom = None if result.meta.get("output_grid") == "atlas" else study[reference].meta.get("dicom")
@@ -100,5 +103,6 @@ def write_result_files(job: Job, result: JobResult, study: dict[str, Any], workd
                             f"{meta.get('samples', 1)} sample(s); reference grid {reference.upper()}"),
                 sources=_sources(study, volume.affine, volume.shape), software_version=software_version)
             paths = write_dicom_series(volume, workdir / f"dicom-{m}", series, ref_dicom)
-            files[result_names.dicom(m)] = zip_series(paths, out_dir / result_names.dicom(m), f"synthetic-{m}")
+            name = result_names.name("dicom", m)
+            files[name] = zip_series(paths, out_dir / name, f"synthetic-{m}")
     return files

@@ -57,9 +57,9 @@ def write_report(job: Job, result: JobResult, record: dict[str, Any], study: dic
         for m, ref in references.items():
             acquired = result.reference_arrays.get(m, ref.data)
             normalized[m] = paper_reference(acquired, brain, preprocess_cfg.clip_percentiles)  # the model's scale
-            files[result_names.reference(m)] = write_nifti(
+            files[result_names.name("reference", m)] = write_nifti(
                 Volume(normalized[m].astype(np.float32), result.volumes[m].affine, {}),
-                workdir / result_names.reference(m))
+                workdir / result_names.name("reference", m))
     files[result_names.PREVIEW] = workdir / result_names.PREVIEW
     files[result_names.PREVIEW].write_bytes(result.preview_png or montage(inputs, result, normalized))
     record.setdefault("timings_seconds", {})["report"] = time.perf_counter() - t0

@@ -12,24 +12,14 @@ PREVIEW, REPORT, RECORD = "preview.png", "report.html", "record.json"
 OVERLAYS = ("brain_mask.outline", "registration.edges")  # a raw study's checks (worker/native.py), not per modality
 
 
-def synthesized(modality: str) -> str:
-    return f"{modality}.nii.gz"
+# per-modality results: kind -> suffix after the modality's name (longest first, as kind_of matches them)
+SUFFIXES: dict[Kind, str] = {"uncertainty": ".uncertainty.nii.gz", "reference": ".reference.nii.gz",
+                             "input": ".input.nii.gz", "dicom": ".dicom.zip", "synthesized": ".nii.gz"}
 
 
-def uncertainty(modality: str) -> str:
-    return f"{modality}.uncertainty.nii.gz"
-
-
-def reference(modality: str) -> str:
-    return f"{modality}.reference.nii.gz"
-
-
-def decoded_input(modality: str) -> str:
-    return f"{modality}.input.nii.gz"
-
-
-def dicom(modality: str) -> str:
-    return f"{modality}.dicom.zip"
+def name(kind: Kind, modality: str) -> str:
+    """A per-modality result's name: ``flair.nii.gz``, ``flair.uncertainty.nii.gz``, ``t1.input.nii.gz``, ..."""
+    return modality + SUFFIXES[kind]
 
 
 def overlay(name: str) -> str:
@@ -43,11 +33,6 @@ class ResultKind:
     overlay: str | None = None  # for kind "overlay": which one (OVERLAYS)
 
 
-_SUFFIXES: tuple[tuple[str, Kind], ...] = ((".uncertainty.nii.gz", "uncertainty"), (".reference.nii.gz", "reference"),
-                                           (".input.nii.gz", "input"), (".dicom.zip", "dicom"),
-                                           (".nii.gz", "synthesized"))
-
-
 def kind_of(name: str) -> ResultKind:
     """What the result ``name`` (made by the functions above) is."""
     fixed: dict[str, Kind] = {PREVIEW: "preview", REPORT: "report", RECORD: "record"}
@@ -56,7 +41,7 @@ def kind_of(name: str) -> ResultKind:
     for o in OVERLAYS:
         if name == overlay(o):
             return ResultKind("overlay", overlay=o)
-    for suffix, kind in _SUFFIXES:
+    for kind, suffix in SUFFIXES.items():
         if name.endswith(suffix):
             return ResultKind(kind, modality=name[: -len(suffix)])
     raise ValueError(f"{name!r} is not a result name of this service")

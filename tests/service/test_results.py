@@ -8,9 +8,7 @@ from api.core import results
 
 @pytest.mark.parametrize("modality", ["t1", "flair", "t1ce"])
 def test_every_made_name_reads_back_as_its_kind(modality):
-    made = {results.synthesized(modality): "synthesized", results.uncertainty(modality): "uncertainty",
-            results.reference(modality): "reference", results.decoded_input(modality): "input",
-            results.dicom(modality): "dicom"}
+    made = {results.name(kind, modality): kind for kind in results.SUFFIXES}
     for name, kind in made.items():
         assert results.kind_of(name) == results.ResultKind(kind, modality=modality), name
     assert len(made) == 5  # five distinct names per modality
