@@ -129,19 +129,16 @@ def edges3d(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
     inner = ndimage.binary_erosion(mask, structure=np.ones((3, 3, 1), dtype=bool), iterations=2)
-    out = np.zeros(image.shape, dtype=np.uint8)
-    for k in range(image.shape[2]):
-        g = np.hypot(ndimage.sobel(image[..., k], 0), ndimage.sobel(image[..., k], 1))
-        if inner[..., k].any():
-            out[..., k] = (g > np.percentile(g[inner[..., k]], 90)) & inner[..., k]
-    return out
+    return np.stack([_edges(image[..., k], inner[..., k]) & inner[..., k] for k in range(image.shape[2])],
+                    axis=-1).astype(np.uint8)
 
 
-def _edges(a: np.ndarray) -> np.ndarray:
+def _edges(a: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
+    """Strong edges of a 2D image: gradient magnitude above its 90th percentile inside ``region`` (default a > 0)."""
     from scipy import ndimage
 
     g = np.hypot(ndimage.sobel(a, 0), ndimage.sobel(a, 1))
-    inside = g[a > 0]
+    inside = g[region if region is not None else a > 0]
     return g > (np.percentile(inside, 90) if inside.size else np.inf)
 
 

@@ -48,18 +48,18 @@ def write_report(job: Job, result: JobResult, record: dict[str, Any], study: dic
     files: dict[str, Path] = {}
     normalized: dict[str, np.ndarray] = {}
     if references:
+        acquired = {m: result.reference_arrays.get(m, ref.data) for m, ref in references.items()}
+        normalized = {m: paper_reference(a, brain, preprocess_cfg.clip_percentiles)  # the model's [0, 1] scale
+                      for m, a in acquired.items()}
         if native_mask is None:
-            metrics, protocol = study_scores(result.volumes, references, study, brain, preprocess_cfg, modalities)
+            metrics, protocol = study_scores(result.volumes, normalized, acquired, study, brain, preprocess_cfg,
+                                             modalities)
         else:
-            metrics, protocol = native_scores(result.volumes, {m: result.reference_arrays.get(m, ref.data)
-                                                               for m, ref in references.items()}, brain)
+            metrics, protocol = native_scores(result.volumes, acquired, brain)
         record["validation"] = {"protocol": protocol, "metrics": metrics}
-        for m, ref in references.items():
-            acquired = result.reference_arrays.get(m, ref.data)
-            normalized[m] = paper_reference(acquired, brain, preprocess_cfg.clip_percentiles)  # the model's scale
-            files[result_names.name("reference", m)] = write_nifti(
-                Volume(normalized[m].astype(np.float32), result.volumes[m].affine, {}),
-                workdir / result_names.name("reference", m))
+        for m, ref in normalized.items():
+            name = result_names.name("reference", m)
+            files[name] = write_nifti(Volume(ref.astype(np.float32), result.volumes[m].affine, {}), workdir / name)
     files[result_names.PREVIEW] = workdir / result_names.PREVIEW
     files[result_names.PREVIEW].write_bytes(result.preview_png or montage(inputs, result, normalized))
     record.setdefault("timings_seconds", {})["report"] = time.perf_counter() - t0
@@ -69,26 +69,19 @@ def write_report(job: Job, result: JobResult, record: dict[str, Any], study: dic
     return files
 
 
-def study_scores(volumes: dict[str, Any], references: dict[str, Any], study: dict[str, Any], brain: np.ndarray,
-                 preprocess_cfg: Any, modalities: tuple[str, ...]) -> tuple[dict[str, dict[str, float]], str]:
-    """Both protocols of ``model.protocols`` per target, on the model's grid: the numbers of ``model.evaluate``."""
-    from model.protocols import (
-        BRASYN,
-        PAPER,
-        brasyn_protocol,
-        brasyn_reference,
-        paper_protocol,
-        paper_reference,
-        paper_window,
-    )
+def study_scores(volumes: dict[str, Any], normalized: dict[str, np.ndarray], acquired: dict[str, np.ndarray],
+                 study: dict[str, Any], brain: np.ndarray, preprocess_cfg: Any, modalities: tuple[str, ...]
+                 ) -> tuple[dict[str, dict[str, float]], str]:
+    """Both protocols of ``model.protocols`` per target, on the model's grid: the numbers of ``model.evaluate``
+    (``normalized``: each reference by ``paper_reference``, ``acquired``: as uploaded)."""
+    from model.protocols import BRASYN, PAPER, brasyn_protocol, brasyn_reference, paper_protocol, paper_window
 
     window = paper_window(study, modalities, preprocess_cfg)
     metrics = {}
-    for m, ref in references.items():
+    for m, reference in normalized.items():
         pred = np.asarray(volumes[m].data, dtype=np.float64)
-        reference = paper_reference(ref.data, brain, preprocess_cfg.clip_percentiles)
         metrics[m] = _rounded({**paper_protocol(pred, reference, brain, window),
-                               **brasyn_protocol(pred, brasyn_reference(ref.data), brain)})
+                               **brasyn_protocol(pred, brasyn_reference(acquired[m]), brain)})
     return metrics, f"{PAPER}; {BRASYN}"
 
 
