@@ -4,6 +4,7 @@ modality check."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess  # nosec B404 - fixed argv, no shell
@@ -25,13 +26,11 @@ PRESET_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 def preset_modalities(preset: str) -> list[str]:
     """The modalities a preset's model is built for (``model.config``, torch-free); only preset names, no paths."""
-    try:
-        if not PRESET_NAME.fullmatch(preset):
-            raise ConfigError(preset)
-        return list(load_preset(preset).modalities)
-    except ConfigError:
-        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-        raise ProblemError(422, "unknown_preset", f"no preset {preset!r}; known presets: {', '.join(known)}") from None
+    if PRESET_NAME.fullmatch(preset):
+        with contextlib.suppress(ConfigError):
+            return list(load_preset(preset).modalities)
+    known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    raise ProblemError(422, "unknown_preset", f"no preset {preset!r}; known presets: {', '.join(known)}")
 
 
 def _run_checker(roots: list[str], layout: str) -> dict[str, Any] | str:
