@@ -31,14 +31,9 @@ class JobResult:
     brain_mask: np.ndarray | None = None  # on the output grid
     reference_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # acquired targets on the output grid
     preview_png: bytes | None = None
-    overlays: dict[str, Volume] = field(default_factory=dict)  # the viewer's overlays (OVERLAYS), on the output grid
+    overlays: dict[str, Volume] = field(default_factory=dict)  # api.core.results.OVERLAYS, on the output grid
     native: Any = None  # the model.native.NativeStudy (atlas-space inputs, transforms)
 
-
-# result name (``{name}.nii.gz``) -> what the viewer draws it as (api/ui/js/job.js): a raw study's checks
-OVERLAYS = {"brain_mask.outline": "the deepbet brain mask's outline, where the model saw brain",
-            "registration.edges": "edges of the chain's reference series moved onto the output grid by its "
-                                  "registration: they should lie on the anatomy of every other series"}
 
 
 def run(synth: Any, study: dict[str, Volume], targets: list[str], *, preprocess: str, output_grid: str,
@@ -79,35 +74,28 @@ def _full(synth: Any, study: dict[str, Volume], given: dict[str, Volume], target
     volumes = {t: native.from_atlas(v, ns, grid) for t, v in inner.volumes.items()}
     uncertainty = {t: native.from_atlas(v, ns, grid) for t, v in (inner.uncertainty or {}).items()} or None
     mask = ns.mask_on(grid)
-    references = {}
-    for t in targets:
-        if t in study and grid != "atlas":
-            shape, affine = ns.grids[grid]
-            to_ref = ns.to_native[t] @ np.linalg.inv(ns.to_native[grid])  # output point -> acquired target's point
-            references[t] = study[t].data if t == grid else native.resample(study[t], to_ref, shape, affine)
-        elif t in study:
-            references[t] = native.resample(study[t], ns.to_native[t], native.ATLAS_SHAPE, native.ATLAS_AFFINE)
+    out_shape, out_affine = ns.grids[grid] if grid != "atlas" else (native.ATLAS_SHAPE, native.ATLAS_AFFINE)
+    to_atlas = np.eye(4) if grid == "atlas" else np.linalg.inv(ns.to_native[grid])  # output point -> atlas point
+
+    def on_output_grid(m: str) -> np.ndarray:
+        """Series ``m`` (as acquired) on the output grid, through its registration; itself when it is that grid."""
+        if m == grid:
+            return study[m].data
+        return native.resample(study[m], ns.to_native[m] @ to_atlas, out_shape, out_affine)
+
+    references = {t: on_output_grid(t) for t in targets if t in study}
     meta = {**inner.meta, "reference": grid if grid != "atlas" else ns.reference, "output_grid": grid,
             "model_grid": "atlas (SRI24, 240x240x155, 1 mm)"}
     record = {**decision, **ns.record, "output_grid": grid,
-              "output": native.grid_record(*(ns.grids[grid] if grid != "atlas" else
-                                             (native.ATLAS_SHAPE, native.ATLAS_AFFINE)), grid),
+              "output": native.grid_record(out_shape, out_affine, grid),
               "brain_extraction": describe()}
     record["brain_mask"]["output_grid_voxels"] = int(mask.sum())
     record["versions"] |= {"deepbet": describe()["version"]}
     record["registration_check"] = registration_check(ns)
     preview = preview_png(ns, inner, atlas_inputs)
-    out_shape, out_affine = ns.grids[grid] if grid != "atlas" else (native.ATLAS_SHAPE, native.ATLAS_AFFINE)
-    if grid == "atlas":
-        on_grid = ns.atlas_volumes[ns.reference].data
-    elif grid == ns.reference:
-        on_grid = given[ns.reference].data
-    else:
-        on_grid = native.resample(given[ns.reference], ns.to_native[ns.reference] @ np.linalg.inv(ns.to_native[grid]),
-                                  out_shape, out_affine)
+    reference_on_grid = np.asarray(on_output_grid(ns.reference), dtype=np.float32)
     overlays = {"brain_mask.outline": Volume(outline(mask), out_affine.copy(), {}),
-                "registration.edges": Volume(edges3d(np.asarray(on_grid, dtype=np.float32), mask), out_affine.copy(),
-                                             {})}
+                "registration.edges": Volume(edges3d(reference_on_grid, mask), out_affine.copy(), {})}
     return JobResult(volumes, uncertainty, {**inner.timings, "preprocess": ns.record["timings_seconds"]["total"]},
                      meta, mask, references, preview, overlays, ns), record
 
