@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from api.core.deliveries import UnknownNode, node_names, require_nodes
+from api.core.deliveries import node_names, require_nodes
 from api.core.errors import ProblemError
 from api.core.settings import DicomSettings
 
@@ -14,17 +14,9 @@ PULL_FIELDS = ("source_node", "study_uid", "series_uids")
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # DICOM UI: digits and dots, at most 64 characters
 
 
-def require_configured(names: list[str], cfg: DicomSettings, field: str) -> None:
-    """422 ``unknown_node`` naming every one of ``names`` that is not a configured DICOM node."""
-    try:
-        require_nodes(names, cfg)
-    except UnknownNode as exc:
-        raise ProblemError(422, UnknownNode.code, str(exc), field=field) from None
-
-
 def deliver_to(fields: dict[str, str], cfg: DicomSettings) -> list[str]:
     names = node_names(fields.get("deliver_to"))
-    require_configured(names, cfg, "deliver_to")
+    require_nodes(names, cfg, "deliver_to")
     return names
 
 
@@ -45,6 +37,6 @@ def pull_source(fields: dict[str, str], has_files: bool, cfg: DicomSettings) -> 
     if not node_name or not study_uid:
         raise ProblemError(422, "invalid_pull", "a pull needs both source_node and study_uid",
                            field="source_node" if not node_name else "study_uid")
-    require_configured([node_name], cfg, "source_node")
+    require_nodes([node_name], cfg, "source_node")
     series = [_uid(s.strip(), "series_uids") for s in fields.get("series_uids", "").split(",") if s.strip()]
     return {"node": node_name, "study_uid": _uid(study_uid, "study_uid"), "series_uids": series}

@@ -15,16 +15,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from api.core.errors import ProblemError
 from api.core.models import Delivery, DeliveryStatus, Job, JobStatus, utcnow
 from api.core.settings import DicomSettings
 
 REPUBLISH_SECONDS = 60  # a published delivery not claimed by then is published again (its message may be lost)
-
-
-class UnknownNode(ValueError):
-    """``deliver_to`` or ``source_node`` names a node that is not configured."""
-
-    code = "unknown_node"
 
 
 def node_names(raw: str | None) -> list[str]:
@@ -32,12 +27,14 @@ def node_names(raw: str | None) -> list[str]:
     return list(dict.fromkeys(n.strip() for n in (raw or "").split(",") if n.strip()))
 
 
-def require_nodes(names: list[str], cfg: DicomSettings) -> None:
-    """UnknownNode naming every one of ``names`` that is not configured."""
+def require_nodes(names: list[str], cfg: DicomSettings, field: str) -> None:
+    """422 ``unknown_node`` naming every one of ``names`` (given in the request's ``field``) that is not a
+    configured DICOM node."""
     unknown = [n for n in names if n not in cfg.nodes]
     if unknown:
-        raise UnknownNode(f"unknown DICOM node(s) {', '.join(unknown)} (configured: {', '.join(cfg.nodes) or 'none'}"
-                          "; see MSGLDM_DICOM__NODES)")
+        raise ProblemError(422, "unknown_node", f"unknown DICOM node(s) {', '.join(unknown)} (configured: "
+                                                f"{', '.join(cfg.nodes) or 'none'}; see MSGLDM_DICOM__NODES)",
+                           field=field)
 
 
 def for_job(session: Session, job_id: str) -> list[Delivery]:

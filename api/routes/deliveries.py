@@ -12,7 +12,6 @@ from api.core.models import ApiKey, JobStatus
 from api.core.queue import publish_delivery
 from api.core.settings import get_settings
 from api.deps import SessionDep
-from api.pacs import require_configured
 from api.routes.jobs import NOT_FOUND, to_public, visible_job
 from api.schemas import PROBLEM_RESPONSES, JobPublic, Problem
 
@@ -27,7 +26,7 @@ def redeliver(job_id: str, node: str, session: SessionDep, key: ApiKey = require
     """Send the job's DICOM result to ``node`` (again): the delivery restarts with a fresh attempt budget. The same
     SOP Instance UIDs are sent, so the node keeps one copy."""
     job = visible_job(session, key, job_id)
-    require_configured([node], get_settings().dicom, "node")
+    deliveries.require_nodes([node], get_settings().dicom, "node")
     if job.status != JobStatus.succeeded or not any(result_names.kind_of(n).kind == "dicom" for n in job.results):
         raise ProblemError(409, "job_not_succeeded", f"job {job_id} is {job.status} and has no DICOM result to send")
     row = deliveries.redeliver(session, job, node)
