@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from api.core.results import Kind
 
 JOB_EXAMPLE: dict[str, Any] = {
     "id": "3b0c1a52-8f4e-4c55-9a51-2f1d7c9e4b10",
@@ -42,8 +44,7 @@ JOB_EXAMPLE: dict[str, Any] = {
 
 
 class ResultKindPublic(BaseModel):
-    kind: Literal["synthesized", "uncertainty", "reference", "input", "dicom", "overlay", "preview", "report",
-                  "record"] = Field(description="synthesized volume, its uncertainty (SD), the normalised reference "
+    kind: Kind = Field(description="synthesized volume, its uncertainty (SD), the normalised reference "
                                                 "(validation mode), a decoded DICOM input, the DICOM series (zip), a "
                                                 "raw study's viewer overlay, preview.png, report.html, record.json")
     modality: str | None = Field(None, description="the modality it belongs to (None: the job's own files)")

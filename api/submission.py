@@ -190,7 +190,8 @@ def create_job(session: Session, storage: Storage, *, key: ApiKey, submission: S
     headers = {m: inspect_nifti(m, nifti[m]) for m in names}
     check_same_space({m: (h.shape, h.affine) for m, h in headers.items()})
     hashed = {m: hash_upload(nifti[m]) for m in names}  # so a replay is answered before storing
-    hashed |= {m: (s.record()["sha256"], s.record()["bytes"]) for m, s in (dicom.series if dicom else {}).items()}
+    records = {m: s.record() for m, s in (dicom.series if dicom else {}).items()}
+    hashed |= {m: (r["sha256"], r["bytes"]) for m, r in records.items()}
     request_hash = hashlib.sha256(json.dumps(
         {"inputs": {m: sha for m, (sha, _) in hashed.items()}, **submission.options()},
         sort_keys=True).encode()).hexdigest()

@@ -9,6 +9,7 @@ from typing import Literal
 
 Kind = Literal["synthesized", "uncertainty", "reference", "input", "dicom", "overlay", "preview", "report", "record"]
 PREVIEW, REPORT, RECORD = "preview.png", "report.html", "record.json"
+_OWN: dict[str, Kind] = {PREVIEW: "preview", REPORT: "report", RECORD: "record"}  # the job's own files
 OVERLAYS = ("brain_mask.outline", "registration.edges")  # a raw study's checks (worker/native.py), not per modality
 
 
@@ -35,9 +36,8 @@ class ResultKind:
 
 def kind_of(name: str) -> ResultKind:
     """What the result ``name`` (made by the functions above) is."""
-    fixed: dict[str, Kind] = {PREVIEW: "preview", REPORT: "report", RECORD: "record"}
-    if name in fixed:
-        return ResultKind(fixed[name])
+    if name in _OWN:
+        return ResultKind(_OWN[name])
     for o in OVERLAYS:
         if name == overlay(o):
             return ResultKind("overlay", overlay=o)
