@@ -32,9 +32,10 @@ function seriesOf(job) {
     return name && job.results[name];
   };
   const of = (kind, m) => url((k) => k.kind === kind && k.modality === m);
-  const overlay = (u, id, title, kind) => (u ? { id, title, kind, url: u } : null);
-  const outline = overlay(url((k) => k.overlay === "brain_mask.outline"), "outline", "brain mask outline", "outline");
-  const edges = overlay(url((k) => k.overlay === "registration.edges"), "edges", "registration edges", "edges");
+  const overlay = (u, kind, title) => (u ? { id: kind, kind, title, url: u } : null);  // kind: viewer.js OVERLAY_LOOK
+  const raw = (name, kind) => overlay(url((k) => k.overlay === name), kind, OVERLAY_LABELS[name]);
+  const outline = raw("brain_mask.outline", "outline");
+  const edges = raw("registration.edges", "edges");
   const out = [];
   for (const m of ORDER.filter((x) => job.inputs.includes(x) && !job.targets.includes(x))) {
     out.push({ id: m, title: `${m.toUpperCase()} (input)`,  // a DICOM input's NIfTI, else the upload
@@ -42,7 +43,7 @@ function seriesOf(job) {
   }
   for (const t of job.targets) {
     if (of("synthesized", t)) {
-      const sd = overlay(of("uncertainty", t), "uncertainty", "uncertainty (SD)", "uncertainty");
+      const sd = overlay(of("uncertainty", t), "uncertainty", "uncertainty (SD)");
       out.push({ id: t, title: `${t.toUpperCase()} SYNTHETIC`, url: of("synthesized", t), synthetic: true,
         overlays: [sd, outline, edges].filter(Boolean) });
     }
@@ -124,9 +125,12 @@ export function jobView(root, jobId) {
         label(name, kinds[name])))));
   }
 
+  /** The URL of the job's own file of `kind` (record, report, preview), from result_kinds. */
+  const own = (job, kind) => job.results[Object.keys(job.result_kinds).find((n) => job.result_kinds[n].kind === kind)];
+
   async function drawRecord(job) {
-    if (!job.results["record.json"]) return;
-    const record = await api(job.results["record.json"]);
+    if (!own(job, "record")) return;
+    const record = await api(own(job, "record"));
     const v = record.validation;
     if (v) {
       put(validation, h("h2", {}, "Validation against the uploaded (withheld) reference"),
@@ -147,13 +151,13 @@ export function jobView(root, jobId) {
         h("div", { id: "preview" }),
         h("div", {}, h("table", { class: "metrics" }, h("tr", {}, h("th", {}, "phase"), h("th", {}, "seconds")),
           timings.map(([k, s]) => h("tr", {}, h("td", {}, k), h("td", {}, fmt(s))))),
-        job.results["report.html"] ? h("button", { type: "button", onclick: async () => {
-          const url = await fetchBlobUrl(job.results["report.html"]);
+        own(job, "report") ? h("button", { type: "button", onclick: async () => {
+          const url = await fetchBlobUrl(own(job, "report"));
           urls.push(url);
           window.open(url, "_blank", "noopener");
         } }, "Open report.html") : null)));
-    if (job.results["preview.png"]) {
-      const url = await fetchBlobUrl(job.results["preview.png"]);
+    if (own(job, "preview")) {
+      const url = await fetchBlobUrl(own(job, "preview"));
       urls.push(url);
       report.querySelector("#preview").append(h("img", { class: "report-img", src: url,
         alt: "Montage: inputs, synthesized, uncertainty in three orthogonal planes" }));
