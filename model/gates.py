@@ -179,10 +179,12 @@ def sampler_table(
     val: SliceDataset,
     settings: list[tuple[int, float, int]],
     n: int = 16,
+    replace_known: bool | None = None,
 ) -> list[dict]:
     """Quality against the sampler's settings on the validation slices: for each ``(steps, eta, samples)``, brain
     PSNR and SSIM (in [0, 1], Gaussian 11/1.5) of every target from the other three, the output being the mean of
     ``samples`` samples (seeds 0, 1, ...) as the pipeline averages them, mean over targets, and seconds per slice.
+    ``replace_known``: the sampler's inpainting-style replacement of the known latents (None: the config's).
     The default sampler is chosen from this table (docs/model.md)."""
     import time
 
@@ -197,7 +199,10 @@ def sampler_table(
         for j in range(m):
             available = torch.ones(len(x), m, dtype=torch.bool)
             available[:, j] = False
-            pred = sum(model.sample(x, available, steps, seed=k, eta=eta)[:, j].float() for k in range(samples))
+            pred = sum(
+                model.sample(x, available, steps, seed=k, eta=eta, replace_known=replace_known)[:, j].float()
+                for k in range(samples)
+            )
             pred = pred / samples
             psnrs.append(_psnr(pred, x[:, j], mask))
             p01, t01 = (pred.float().clamp(-1, 1)[:, None] + 1) / 2, (x[:, j : j + 1] + 1) / 2
@@ -237,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                    "checkpoint's metrics.json already)")
     p.add_argument("--slices", type=int, default=16, help="validation slices of the sampler table")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--replace-known", choices=["on", "off"], default=None,
+                   help="the sampler table with diffusion.replace_known on or off (default: the checkpoint's)")
     p.add_argument("--out", type=Path, default=None, help="JSON file for the result (default: print only)")
     args = p.parse_args(argv)
     if args.threads:
@@ -260,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             gates = [stage0(model, val, cfg.train.gate_stage0_psnr), stage1(model, train, val),
                      stage2(model, val, z_mean, cfg.train.gate_stage2_spread, cfg.train.gate_stage2_ratio)]
         settings = [_setting(item) for item in args.sampler.split(",") if item]
-        table = sampler_table(model, val, settings, n=args.slices) if settings else []
+        replace = None if args.replace_known is None else args.replace_known == "on"
+        table = sampler_table(model, val, settings, n=args.slices, replace_known=replace) if settings else []
     result = {"checkpoint": str(args.checkpoint), "val": split["val"],
               "gates": {f"stage{g.stage}": g.to_dict() for g in gates}, "sampler": table}
     for g in gates:

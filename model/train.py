@@ -45,6 +45,7 @@ from model.msgldm import MSGLDM
 from model.slices import ModalityMasker, SliceDataset
 
 log = logging.getLogger("model.train")
+PARTS = ("autoencoder", "structure", "unet")  # the part each stage (0, 1, 2) trains
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -741,10 +742,16 @@ def main(argv: list[str] | None = None) -> Path | None:
 
     torch.manual_seed(seed)
     model = MSGLDM(cfg).to(device)
+    fresh: set[int] = set()  # stages whose part the base checkpoint cannot fill (a changed shape): trained here
     if args.init:
         base = load_checkpoint(args.init)
-        for part in ("autoencoder", "structure", "unet"):
-            getattr(model, part).load_state_dict(getattr(base, part).state_dict())
+        for stage, part in enumerate(PARTS):
+            try:
+                getattr(model, part).load_state_dict(getattr(base, part).state_dict())
+            except RuntimeError as exc:  # e.g. --set autoencoder.latent_channels=16: that stage starts afresh
+                fresh.add(stage)
+                log.info("--init: the %s of %s does not fit this config (%s): stage %d starts from random weights",
+                         part, args.init, str(exc).splitlines()[0], stage)
         del base
     results: dict = {}
     for stage in range(3):
@@ -759,14 +766,14 @@ def main(argv: list[str] | None = None) -> Path | None:
             run.log({"stage": stage, "step": steps[stage], "split": "summary", "wall_s": round(time.time() - t, 1)})
         if stage < 2 and (max(stages) == 2 or stage in stages):  # stage 2 needs the trained (frozen) stages 0, 1
             state = _load_stage(run, stage)
-            if state is None and args.init:
+            if state is None and args.init and stage not in fresh:
                 continue  # not trained in this run: the base checkpoint's weights stand
             if state is None:
                 raise SystemExit(
                     f"stage {max(stages)} needs stage {stage}: {_stage_path(run, stage)} does not exist; "
                     f"run --stage {stage} (or --stage all) first"
                 )
-            [model.autoencoder, model.structure, model.unet][stage].load_state_dict(state["model"])
+            getattr(model, PARTS[stage]).load_state_dict(state["model"])
             results.setdefault(stage, state.get("val", {}))
         if stage in stages and run.is_main:
             gate = _gate(stage, model, train_ds, val_ds, run)

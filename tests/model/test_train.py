@@ -193,6 +193,31 @@ def test_fine_tune_from_a_checkpoint_trains_only_the_stages_asked(tmp_path, data
     assert not (tmp_path / "ft" / "stage0.pt").exists()
 
 
+def test_fine_tune_with_a_changed_latent_retrains_stage0_and_never_serves_a_random_part(tmp_path, dataset_root):
+    """--init with --set autoencoder.latent_channels=N: the base's autoencoder and UNet no longer fit, so stages 0
+    and 2 start from random weights and must be trained here; a stage-2 run without this run's stage0.pt stops
+    instead of serving a random autoencoder; stage 0 then stage 2 gives a checkpoint with the base's structure."""
+    from model.checkpoint import save_checkpoint
+    from model.msgldm import MSGLDM
+
+    torch.manual_seed(1)
+    start_cfg = micro_config()
+    base = save_checkpoint(MSGLDM(start_cfg), tmp_path / "base")
+    wider = start_cfg.autoencoder.latent_channels * 2
+    common = ["--init", str(base), "--data", str(dataset_root), "--out", str(tmp_path / "ft"), "--max-steps", "1",
+              "--threads", "1", "--seed", "0", "--ignore-gates", "--set", f"autoencoder.latent_channels={wider}"]
+    with pytest.raises(SystemExit, match="stage 0"):
+        train_mod.main(["--stage", "2", *common])
+    train_mod.main(["--stage", "0", *common])
+    dest = train_mod.main(["--stage", "2", *common])
+    tuned, start = load_checkpoint(dest), load_checkpoint(base)
+    assert tuned.cfg.autoencoder.latent_channels == wider
+    before = start.structure.state_dict()
+    assert all(torch.equal(v, before[k]) for k, v in tuned.structure.state_dict().items())
+    stage0 = torch.load(tmp_path / "ft" / "stage0.pt", weights_only=False)["model"]
+    assert all(torch.equal(v, stage0[k]) for k, v in tuned.autoencoder.state_dict().items())
+
+
 def test_decoder_only_fine_tune_keeps_the_latents_and_writes_a_servable_checkpoint(tmp_path, dataset_root):
     """train.stage0_train=decoder from --init: encoder and quant conv frozen (the latents a trained stage 2 sees do
     not move), the decoder trains, and the run writes a checkpoint that records what it was fine-tuned from."""
