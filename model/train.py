@@ -774,6 +774,7 @@ def main(argv: list[str] | None = None) -> Path | None:
                     f"run --stage {stage} (or --stage all) first"
                 )
             getattr(model, PARTS[stage]).load_state_dict(state["model"])
+            fresh.discard(stage)
             results.setdefault(stage, state.get("val", {}))
         if stage in stages and run.is_main:
             gate = _gate(stage, model, train_ds, val_ds, run)
@@ -787,7 +788,10 @@ def main(argv: list[str] | None = None) -> Path | None:
                 )
     if world > 1:
         dist.barrier()
-    if (2 not in stages and not args.init) or not run.is_main:
+    unfilled = fresh - set(stages)  # random parts: neither the base, this run nor OUT/stage{k}.pt filled them
+    if unfilled and run.is_main:
+        log.info("no inference checkpoint yet: stage(s) %s still have random weights (run them)", sorted(unfilled))
+    if (2 not in stages and not args.init) or unfilled or not run.is_main:
         return None  # without stage 2 (and nothing to fine-tune from) there is no servable model yet
     state2 = _load_stage(run, 2)
     base = json.loads((args.init / "metrics.json").read_text()) if args.init else {}
