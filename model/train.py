@@ -807,9 +807,10 @@ def main(argv: list[str] | None = None) -> Path | None:
         "device": str(device),
         "wall_s_this_invocation": round(time.time() - run.t0, 1),
     }
-    if args.init:  # a fine-tune: what it started from, and which stages this run trained
+    if args.init:  # a fine-tune: what it started from, and which stages this run folder trained (any invocation)
         metrics["fine_tuned_from"] = {"version": base.get("version") or args.init.name,
-                                      "stages": [f"stage{k}" for k in stages], "base_steps": base.get("steps")}
+                                      "stages": [k for k, v in steps_done.items() if v is not None],
+                                      "base_steps": base.get("steps")}
     dest = save_checkpoint(model, out / "model", metrics=metrics, unet_state=state2.get("ema") if state2 else None)
     log.info("inference checkpoint written to %s", dest)
     return dest

@@ -217,6 +217,9 @@ def test_fine_tune_with_a_changed_latent_retrains_stage0_and_never_serves_a_rand
     assert all(torch.equal(v, before[k]) for k, v in tuned.structure.state_dict().items())
     stage0 = torch.load(tmp_path / "ft" / "stage0.pt", weights_only=False)["model"]
     assert all(torch.equal(v, stage0[k]) for k, v in tuned.autoencoder.state_dict().items())
+    metrics = json.loads((dest / "metrics.json").read_text())  # both invocations' stages, and both gates
+    assert metrics["fine_tuned_from"]["stages"] == ["stage0", "stage2"]
+    assert {"stage0", "stage2"} <= set(metrics["gates"])
 
 
 def test_decoder_only_fine_tune_keeps_the_latents_and_writes_a_servable_checkpoint(tmp_path, dataset_root):
