@@ -13,7 +13,7 @@ from api.core.storage import Storage, get_storage
 
 
 def get_session() -> Iterator[Session]:
-    session = get_sessionmaker(reads_autocommit=True)()
+    session = get_sessionmaker()()
     try:
         yield session
     finally:

@@ -4,16 +4,15 @@
 
 from __future__ import annotations
 
-from sqlalchemy import case, func, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from api.core.errors import NotFound
 from api.core.leases import ACTIVE, Claim, InvalidTransition, Leases
 from api.core.models import Job, JobStatus
 
 __all__ = ["ACTIVE", "Claim", "InvalidTransition", "JobNotFound", "claim", "complete", "fail", "mark_cancelled",
-           "queue_position", "reap_expired", "renew", "request_cancel", "reset_for_retry", "stale_queued",
-           "with_queue_position"]
+           "queue_position", "reap_expired", "renew", "request_cancel", "reset_for_retry", "stale_queued"]
 
 LEASES = Leases(Job, "job")
 claim, renew, complete, fail = LEASES.claim, LEASES.renew, LEASES.complete, LEASES.fail
@@ -47,14 +46,3 @@ def queue_position(session: Session, job: Job) -> int | None:
     return session.execute(
         select(func.count()).select_from(Job).where(Job.status == JobStatus.queued, Job.created_at < job.created_at)
     ).scalar_one()
-
-
-def with_queue_position(session: Session, job_id: str) -> tuple[Job | None, int | None]:
-    """The job and its ``queue_position`` in one statement (the status poll's): the count is a correlated
-    subquery that only a queued job evaluates."""
-    ahead = aliased(Job)
-    position = (select(func.count()).select_from(ahead)
-                .where(ahead.status == JobStatus.queued, ahead.created_at < Job.created_at).scalar_subquery())
-    row = session.execute(select(Job, case((Job.status == JobStatus.queued, position))).where(Job.id == job_id)
-                          ).first()
-    return (row[0], row[1]) if row is not None else (None, None)

@@ -40,24 +40,19 @@ MEDIA_TYPES = {".nii.gz": "application/gzip", ".json": "application/json", ".zip
                ".png": "image/png", ".html": "text/html"}
 
 
-def visible(key: ApiKey, job: Job | None, job_id: str) -> Job:
+def visible_job(session: Session, key: ApiKey, job_id: str) -> Job:
     """The job, if this key may see it: integrators see their own jobs only (others are 404, not 403)."""
+    job = session.get(Job, job_id)
     if job is None or (key.role == Role.integrator and job.owner_id != key.id):
         raise JobNotFound(f"no job {job_id}")
     return job
 
 
-def visible_job(session: Session, key: ApiKey, job_id: str) -> Job:
-    return visible(key, session.get(Job, job_id), job_id)
-
-
-def to_public(session: Session, job: Job, queue_position: int | None = None) -> JobPublic:
-    """``queue_position``: when already read with the job (None: queried here if the job is queued)."""
+def to_public(session: Session, job: Job) -> JobPublic:
     base = f"/api/v1/jobs/{job.id}"
     return JobPublic(
         id=job.id, status=job.status, phase=job.phase, progress=job.progress,
-        queue_position=queue_position if queue_position is not None else job_states.queue_position(session, job),
-        attempts=job.attempts,
+        queue_position=job_states.queue_position(session, job), attempts=job.attempts,
         model_version=job.model_version, targets=job.targets, inputs=list(job.inputs), formats=job.formats,
         steps=job.steps, seed=job.seed, samples=job.samples, preprocess=job.preprocess or "auto",
         output_grid=job.output_grid or "reference", created_at=job.created_at, started_at=job.started_at,
@@ -93,10 +88,9 @@ def list_jobs(session: SessionDep, key: KeyDep,
             openapi_extra={"responses": {"200": {"content": {"application/json": {"example": JOB_EXAMPLE}}}}})
 def get_job(job_id: str, session: SessionDep, key: KeyDep) -> JobPublic:
     """A job's state, progress, queue position and result links."""
-    job, position = job_states.with_queue_position(session, job_id)
-    job = visible(key, job, job_id)
+    job = visible_job(session, key, job_id)
     audit.record_view(session, key, job.id)
-    return to_public(session, job, position)
+    return to_public(session, job)
 
 
 @router.get("/{job_id}/results/{name}", responses={
