@@ -132,6 +132,9 @@ class StructureConfig:
     # losses (weights from the authors' code; the paper gives none)
     seg_weight: float = 2.0
     seg_bce_weight: float = 1.0  # L_seg = bce_weight * BCE + (1 - soft Dice)
+    # the soft Dice of L_seg: pooled over every channel, background included (the spec's "soft Dice"; predicting no
+    # tumour already scores ~0.9 Dice) | the mean of the tumour regions' Dice, each over the batch (nnU-Net's form)
+    seg_dice: Literal["pooled", "regions"] = "pooled"
     sc_weight: float = 0.1
     sa_weight: float = 1.0
     # the DCT term of L_sa: SSIM of the DCT amplitudes with data range max - min (authors; dominated by the DC
@@ -153,6 +156,8 @@ class StructureConfig:
                f"got {self.msse_resize!r}")
         _check(self.sa_dct in ("amplitude", "log_amplitude"), f"structure.sa_dct must be amplitude|log_amplitude, "
                f"got {self.sa_dct!r}")
+        _check(self.seg_dice in ("pooled", "regions"),
+               f"structure.seg_dice must be pooled|regions, got {self.seg_dice!r}")
         _check(
             self.channels[-1] % self.msse_heads == 0,
             f"structure.channels[-1]={self.channels[-1]} must be divisible by msse_heads={self.msse_heads}",

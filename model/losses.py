@@ -122,14 +122,21 @@ def style_consistency_loss(
 
 
 def segmentation_loss(
-    logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 1.0, eps: float = 1e-5
+    logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 1.0, eps: float = 1e-5, dice: str = "pooled"
 ) -> torch.Tensor:
-    """``L_seg = bce_weight * BCE + (1 - soft Dice)`` over all channels (sigmoid outputs)."""
+    """``L_seg = bce_weight * BCE + (1 - soft Dice)`` (sigmoid outputs, channels [background, regions...]).
+    ``dice="pooled"``: one Dice over all channels and pixels, background included; ``"regions"``: the mean over the
+    region channels (1:) of each one's Dice over the batch, so missing the tumour costs as much as it should."""
     target = target.float()
     bce = F.binary_cross_entropy_with_logits(logits.float(), target)
     p = torch.sigmoid(logits.float())
-    dice = (2 * (p * target).sum() + eps) / (p.sum() + target.sum() + eps)
-    return bce_weight * bce + (1.0 - dice)
+    if dice == "regions":
+        dims = (0, *range(2, p.ndim))
+        inter, total = (p * target)[:, 1:].sum(dims), (p + target)[:, 1:].sum(dims)
+        soft = ((2 * inter + eps) / (total + eps)).mean()
+    else:
+        soft = (2 * (p * target).sum() + eps) / (p.sum() + target.sum() + eps)
+    return bce_weight * bce + (1.0 - soft)
 
 
 def adain_kl(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

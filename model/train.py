@@ -288,7 +288,7 @@ def _structure_loss(model: MSGLDM, wrapped, b: dict, masker: ModalityMasker) -> 
     logs: dict[str, float] = {}
     if cfg.segmentation and b["has_seg"].any():
         hs = b["has_seg"]
-        seg = segmentation_loss(out["seg_logits"][hs], b["seg"][hs], cfg.seg_bce_weight)
+        seg = segmentation_loss(out["seg_logits"][hs], b["seg"][hs], cfg.seg_bce_weight, dice=cfg.seg_dice)
         loss = loss + cfg.seg_weight * seg
         logs["seg"] = seg.item()
     logs.update(sa=sa.item(), sc=sc.item(), kl=kl.item(), tau=out["tau"].item())

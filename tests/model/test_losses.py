@@ -107,6 +107,20 @@ def test_segmentation_loss():
     assert segmentation_loss(-perfect, target).item() > 1.5
 
 
+def test_region_dice_charges_a_segmentation_that_misses_the_tumour():
+    """Predicting background everywhere: the pooled Dice (background included) barely notices, the per-region
+    Dice is as bad as it gets; both are ~0 for a perfect prediction."""
+    target = torch.zeros(2, 4, 32, 32)
+    target[:, 1:, 10:16, 10:16] = 1  # a 6x6 tumour in every region
+    target[:, 0] = 1 - target[:, 1]
+    perfect, empty = (target * 2 - 1) * 20, torch.full_like(target, -20.0)
+    empty[:, 0] = 20.0
+    dice_only = {"bce_weight": 0.0}
+    assert segmentation_loss(perfect, target, dice="regions", **dice_only).item() < 1e-3
+    assert segmentation_loss(empty, target, **dice_only).item() < 0.2  # pooled: 9 % of the pixels missed
+    assert segmentation_loss(empty, target, dice="regions", **dice_only).item() > 0.99
+
+
 def test_kl_and_gan_losses():
     assert adain_kl(torch.zeros(3, 5), torch.ones(3, 5)).item() == pytest.approx(0.0, abs=1e-6)
     assert adain_kl(torch.ones(3, 5), torch.ones(3, 5)).item() == pytest.approx(0.5)
