@@ -296,7 +296,8 @@ def test_admin_pages_render_the_registry_contract(ui_service, page):
     assert page.locator("#run-detail svg.plot").count() == 2
     assert page.locator("#run-detail svg.plot polyline").count() == 4  # loss and val, stages 0 and 1
     screenshot(page, "admin-training")
-    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/cancel")):
+    # the response, not the request: the route handler that records the POST has run once it is answered
+    with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/cancel")):
         page.get_by_role("button", name="Cancel run").click()
     assert posted[-1][0] == f"/admin/training-runs/{RUN['id']}/cancel"
 
