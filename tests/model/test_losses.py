@@ -117,7 +117,7 @@ def test_region_dice_charges_a_segmentation_that_misses_the_tumour():
     empty[:, 0] = 20.0
     dice_only = {"bce_weight": 0.0}
     assert segmentation_loss(perfect, target, dice="regions", **dice_only).item() < 1e-3
-    assert segmentation_loss(empty, target, **dice_only).item() < 0.2  # pooled: 9 % of the pixels missed
+    assert segmentation_loss(empty, target, **dice_only).item() < 0.2  # pooled: 0.07 (the background is 97 %)
     assert segmentation_loss(empty, target, dice="regions", **dice_only).item() > 0.99
 
 
