@@ -16,6 +16,9 @@
 4. **long queue**: queued job rows added up to ``--queued``; ``wrk`` again on the newest job (the one whose
    queue position counts every other job).
 
+Each wrk run also records the CPU time per request of the API process, the PostgreSQL and Redis servers and wrk
+(from /proc): which process bounds the throughput.
+
 Writes ``OUT/api.json`` and prints a table with the targets (>= 500 requests/s and p99 < 50 ms at 16
 connections; submission p95 < 1 s; status with the long queue within 20 % of the empty-queue figure).
 """
@@ -115,19 +118,46 @@ def make_stack(kind: str, tmp: Path, redis_db: int) -> tuple[dict[str, str], lis
 # ----------------------------------------------------------------------------------------------- measuring
 
 
-def wrk(url: str, key: str, connections: int, duration: float) -> dict:
+CPU_GROUPS = ("postgres", "redis-server")  # by process name; the API process by its pid, wrk as our child
+
+
+def cpu_seconds(api_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the API process, all PostgreSQL and Redis server processes on
+    this machine, and this script's finished children (wrk), from /proc: where a request's CPU goes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = dict.fromkeys(("api", *CPU_GROUPS), 0.0)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended meanwhile
+            continue
+        name, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        group = "api" if int(stat.parent.name) == api_pid else name if name in CPU_GROUPS else None
+        if group is not None:
+            used[group] += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    children = os.times()
+    used["wrk"] = children.children_user + children.children_system
+    return used
+
+
+def wrk(url: str, key: str, connections: int, duration: float, api_pid: int) -> dict:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk (Debian), then run again")
     cmd = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{max(1, round(duration))}s", "--latency", "--timeout",
            "5s", "-H", f"Authorization: Bearer {key}", url]
+    before, start = cpu_seconds(api_pid), time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60).stdout  # nosec B603
+    wall, after = time.monotonic() - start, cpu_seconds(api_pid)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     pct = {m.group(1): _ms(m.group(2), m.group(3)) for m in re.finditer(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\b",
                                                                          out, re.M)}
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors:.*", out)
     total = int(re.search(r"(\d+) requests in", out).group(1))
-    return {"requests_per_s": rps, "p50_ms": pct["50"], "p75_ms": pct["75"], "p90_ms": pct["90"],
+    cpu = {name: round((after[name] - before[name]) / max(total, 1) * 1e3, 3) for name in after}
+    busy = sum(after[name] - before[name] for name in after) / (wall * (os.cpu_count() or 1))
+    return {"cpu_ms_per_request": cpu, "cpu_busy_share": round(busy, 3),
+            "requests_per_s": rps, "p50_ms": pct["50"], "p75_ms": pct["75"], "p90_ms": pct["90"],
             "p99_ms": pct["99"], "requests": total, "non_2xx": int(bad.group(1)) if bad else 0,
             "socket_errors": errors.group(0) if errors else None, "connections": connections,
             "duration_s": duration, "command": " ".join(cmd[:-3] + ["'Authorization: Bearer ...'", url])}
@@ -260,7 +290,7 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"submission answered {code}: {first}")
         print(f"status, 1 queued job: wrk {args.connections} connections, {args.duration} s", flush=True)
         load_status = os.getloadavg()
-        empty = wrk(f"{base}/api/v1/jobs/{first}", key, args.connections, args.duration)
+        empty = wrk(f"{base}/api/v1/jobs/{first}", key, args.connections, args.duration, api.pid)
 
         # 3. submissions
         print(f"{args.submissions} submissions of the four-file study ({study_mb:.1f} MB)", flush=True)
@@ -289,14 +319,15 @@ def run(args: argparse.Namespace) -> dict:
         position = client.get(f"/api/v1/jobs/{newest}").json()["queue_position"]
         print(f"status, {position + 1} queued jobs (newest job, position {position})", flush=True)
         load_queue = os.getloadavg()
-        full = wrk(f"{base}/api/v1/jobs/{newest}", key, args.connections, args.duration)
+        full = wrk(f"{base}/api/v1/jobs/{newest}", key, args.connections, args.duration, api.pid)
         # the same queue, alternately the oldest job (position 0: nothing to count) and the newest (counts all):
         # what the queue position itself costs, with the machine's load drift averaged out
         oldest = oldest_queued(env)
         alternating: dict[str, list[dict]] = {"oldest": [], "newest": []}
         for _ in range(args.alternations):
             for name, job_id in (("oldest", oldest), ("newest", newest)):
-                alternating[name].append(wrk(f"{base}/api/v1/jobs/{job_id}", key, args.connections, args.duration))
+                alternating[name].append(
+                    wrk(f"{base}/api/v1/jobs/{job_id}", key, args.connections, args.duration, api.pid))
         query = {"oldest_s": queue_position_seconds(oldest), "newest_s": queue_position_seconds(newest)}
         client.close()
     finally:
@@ -355,6 +386,9 @@ def table(r: dict) -> str:
                  f"{[round(v) for v in alt['oldest']['requests_per_s']]} / "
                  f"{[round(v) for v in alt['newest']['requests_per_s']]}; queue-position query "
                  f"{q['oldest_s'] * 1e3:.2f} / {q['newest_s'] * 1e3:.2f} ms", "(diagnostic)", None))
+    cpu = ", ".join(f"{name} {ms:.2f}" for name, ms in e["cpu_ms_per_request"].items())
+    rows.append(("CPU per status request, by process (1 queued job)", f"{cpu} ms; CPUs busy "
+                 f"{e['cpu_busy_share']:.0%}", "(diagnostic)", None))
     lines = [f"stack: {r['stack']}; {r['server']}", "| what | measured | target | met |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {'-' if d is None else ('yes' if d else 'NO')} |" for a, b, c, d in rows]
     return "\n".join(lines)

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from api.core.errors import NotFound
@@ -39,10 +39,13 @@ def reset_for_retry(session: Session, job: Job) -> Job:
     return job
 
 
+# Built once, like api/core/keys.py's lookup: the status poll runs it on every request.
+_AHEAD = select(func.count()).select_from(Job).where(Job.status == JobStatus.queued,
+                                                     Job.created_at < bindparam("created_at"))
+
+
 def queue_position(session: Session, job: Job) -> int | None:
     """How many queued jobs are ahead of this one (0: next), None when not queued."""
     if job.status != JobStatus.queued:
         return None
-    return session.execute(
-        select(func.count()).select_from(Job).where(Job.status == JobStatus.queued, Job.created_at < job.created_at)
-    ).scalar_one()
+    return session.execute(_AHEAD, {"created_at": job.created_at}).scalar_one()

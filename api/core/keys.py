@@ -7,7 +7,7 @@ import hashlib
 import secrets
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from api.core.models import ApiKey, Role, utcnow
@@ -32,9 +32,13 @@ def create_key(session: Session, *, name: str, role: Role, expires_at: datetime 
     return row, plain
 
 
+# Built once: on the status poll, building the statement cost more CPU than executing it (docs/benchmarks.md s.3).
+_BY_HASH = select(ApiKey).where(ApiKey.key_hash == bindparam("key_hash"))
+
+
 def active_key(session: Session, plain: str) -> ApiKey:
     """The key row of ``plain`` if it may be used now; KeyRefused otherwise."""
-    row = session.execute(select(ApiKey).where(ApiKey.key_hash == hash_key(plain))).scalar_one_or_none()
+    row = session.execute(_BY_HASH, {"key_hash": hash_key(plain)}).scalar_one_or_none()
     if row is None or row.revoked_at is not None:
         raise KeyRefused("the API key is not valid")
     if row.expires_at is not None and row.expires_at <= utcnow():

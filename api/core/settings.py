@@ -95,6 +95,9 @@ class ApiSettings(BaseModel):
     submit_rate_limit_per_minute: int = 60
     max_queued_jobs: int = 1000
     max_active_jobs_per_key: int = 200
+    # Threads that answer GET /jobs/{id} (the hot path, polled by every client) at once; more only contend for the
+    # GIL (measured on 2 cores: 2 -> 689 req/s, 4 -> 635, 8 -> 538; docs/benchmarks.md section 3).
+    status_threads: int = Field(default=2, ge=1)
 
 
 # Series -> modality rules, tried in this order (first match wins), each a case-insensitive regular expression

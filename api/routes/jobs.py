@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import lru_cache
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+import anyio
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.auth import KeyDep, require
+from api.auth import KeyDep, current_key, require
 from api.core import audit, deliveries
 from api.core import jobs as job_states
 from api.core import results as result_names
+from api.core.db import get_sessionmaker
 from api.core.errors import ProblemError
 from api.core.jobs import JobNotFound
 from api.core.models import ApiKey, Job, JobStatus, Role
 from api.core.queue import publish_synthesis
+from api.core.settings import get_settings
 from api.core.storage import Storage
 from api.deps import SessionDep, StorageDep
 from api.pagination import newest_first
@@ -86,11 +90,26 @@ def list_jobs(session: SessionDep, key: KeyDep,
 
 @router.get("/{job_id}", response_model=JobPublic, responses={**PROBLEM_RESPONSES, **NOT_FOUND},
             openapi_extra={"responses": {"200": {"content": {"application/json": {"example": JOB_EXAMPLE}}}}})
-def get_job(job_id: str, session: SessionDep, key: KeyDep) -> JobPublic:
+async def get_job(job_id: str, request: Request) -> JobPublic:
     """A job's state, progress, queue position and result links."""
-    job = visible_job(session, key, job_id)
-    audit.record_view(session, key, job.id)
-    return to_public(session, job)
+    limiter = _status_threads(get_settings().api.status_threads)
+    return await anyio.to_thread.run_sync(_job_status, request, job_id, limiter=limiter)
+
+
+# The status poll is the API's hot path (every client polls it): the session, the key check, the job and its queue
+# position run in one thread-pool hop (a sync dependency or endpoint is a hop each: four), on a few threads of its
+# own (more threads only contend for the GIL). docs/benchmarks.md section 3 has the measurements.
+@lru_cache
+def _status_threads(threads: int) -> anyio.CapacityLimiter:
+    return anyio.CapacityLimiter(threads)
+
+
+def _job_status(request: Request, job_id: str) -> JobPublic:
+    with get_sessionmaker()() as session:
+        key = current_key(request, session)
+        job = visible_job(session, key, job_id)
+        audit.record_view(session, key, job.id)
+        return to_public(session, job)
 
 
 @router.get("/{job_id}/results/{name}", responses={
