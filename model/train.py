@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -295,6 +296,58 @@ def _structure_loss(model: MSGLDM, wrapped, b: dict, masker: ModalityMasker) -> 
     return loss, logs
 
 
+@dataclass
+class _Stage:
+    """What one stage trains: the module, its optimiser, and stage 0's discriminator or stage 2's EMA."""
+
+    trainable: torch.nn.Module
+    opt: torch.optim.Optimizer
+    disc: torch.nn.Module | None = None
+    opt_d: torch.optim.Optimizer | None = None
+    ema: EMA | None = None
+
+    @classmethod
+    def build(cls, stage: int, model: MSGLDM, device: torch.device) -> _Stage:
+        cfg = model.cfg
+        ae, sm, unet = model.autoencoder, model.structure, model.unet
+        if stage == 0:
+            from model.autoencoder import PatchDiscriminator
+
+            disc = PatchDiscriminator(cfg.autoencoder.disc_layers, cfg.autoencoder.disc_channels).to(device)
+            if cfg.train.stage0_train == "decoder":  # latents unchanged: the diffusion trained on them stays valid
+                ae.encoder.requires_grad_(False)
+                ae.quant_conv.requires_grad_(False)
+            params = [p for p in ae.parameters() if p.requires_grad] if cfg.train.stage0_train == "decoder" else list(
+                ae.parameters())
+            betas = cfg.autoencoder.betas
+            return cls(ae, torch.optim.Adam(params, lr=cfg.autoencoder.lr, betas=betas), disc,
+                       torch.optim.Adam(disc.parameters(), lr=cfg.autoencoder.lr, betas=betas))
+        if stage == 1:
+            return cls(sm, torch.optim.Adam(sm.parameters(), lr=cfg.structure.lr, betas=cfg.structure.betas,
+                                            weight_decay=cfg.structure.weight_decay))
+        ae.eval().requires_grad_(False)
+        sm.eval().requires_grad_(False)
+        opt = torch.optim.AdamW(unet.parameters(), lr=cfg.diffusion.lr, weight_decay=cfg.diffusion.weight_decay)
+        return cls(unet, opt, ema=EMA(unet, cfg.diffusion.ema_decay))
+
+    def resume(self, state: dict) -> None:
+        self.trainable.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        if self.disc is not None and self.opt_d is not None and "disc" in state:
+            self.disc.load_state_dict(state["disc"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        if self.ema is not None and "ema" in state:
+            self.ema.shadow.load_state_dict(state["ema"])
+
+    def state(self, wrapped: torch.nn.Module) -> dict:
+        st = {"model": _unwrap(wrapped).state_dict(), "opt": self.opt.state_dict()}
+        if self.disc is not None and self.opt_d is not None:
+            st.update(disc=self.disc.state_dict(), opt_d=self.opt_d.state_dict())
+        if self.ema is not None:
+            st["ema"] = self.ema.shadow.state_dict()
+        return st
+
+
 def train_stage(
     stage: int, model: MSGLDM, train_ds: SliceDataset, val_ds: SliceDataset, run: Run, steps: int, batch: int, seed: int
 ) -> dict:
@@ -302,45 +355,15 @@ def train_stage(
     cfg = model.cfg
     device = run.device
     state = _load_stage(run, stage)
-    ae, sm, unet = model.autoencoder, model.structure, model.unet
-    disc = None
-    ema = None
-    if stage == 0:
-        from model.autoencoder import PatchDiscriminator
-
-        disc = PatchDiscriminator(cfg.autoencoder.disc_layers, cfg.autoencoder.disc_channels).to(device)
-        trainable: torch.nn.Module = ae
-        params = list(ae.parameters())
-        if cfg.train.stage0_train == "decoder":  # latents unchanged: the diffusion trained on them stays valid
-            ae.encoder.requires_grad_(False)
-            ae.quant_conv.requires_grad_(False)
-            params = [p for p in ae.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=cfg.autoencoder.lr, betas=cfg.autoencoder.betas)
-        opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.autoencoder.lr, betas=cfg.autoencoder.betas)
-    elif stage == 1:
-        trainable = sm
-        opt = torch.optim.Adam(
-            sm.parameters(), lr=cfg.structure.lr, betas=cfg.structure.betas, weight_decay=cfg.structure.weight_decay
-        )
-    else:
-        trainable = unet
-        opt = torch.optim.AdamW(unet.parameters(), lr=cfg.diffusion.lr, weight_decay=cfg.diffusion.weight_decay)
-        ae.eval().requires_grad_(False)
-        sm.eval().requires_grad_(False)
-        ema = EMA(unet, cfg.diffusion.ema_decay)
+    parts = _Stage.build(stage, model, device)
+    trainable, opt, disc, opt_d, ema = parts.trainable, parts.opt, parts.disc, parts.opt_d, parts.ema
     base_lr = [g["lr"] for g in opt.param_groups]
     step = 0
     last_val: dict = {}
     if state is not None:
-        trainable.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        parts.resume(state)
         step = int(state["step"])
         last_val = state.get("val", {})
-        if disc is not None and "disc" in state:
-            disc.load_state_dict(state["disc"])
-            opt_d.load_state_dict(state["opt_d"])
-        if ema is not None and "ema" in state:
-            ema.shadow.load_state_dict(state["ema"])
         log.info("stage %d: resumed at step %d", stage, step)
     if step >= steps:
         return last_val
@@ -360,18 +383,7 @@ def train_stage(
     batches = _loader(train_ds, batch if step < full_from else full_batch, run, seed + step)
 
     def snapshot() -> dict:
-        st = {
-            "stage": stage,
-            "step": step,
-            "model": _unwrap(wrapped).state_dict(),
-            "opt": opt.state_dict(),
-            "val": last_val,
-            "steps_target": steps,
-        }
-        if disc is not None:
-            st.update(disc=disc.state_dict(), opt_d=opt_d.state_dict())
-        if ema is not None:
-            st["ema"] = ema.shadow.state_dict()
+        st = {"stage": stage, "step": step, **parts.state(wrapped), "val": last_val, "steps_target": steps}
         if cache is not None:
             st["z_mean"] = cache.z.mean(0)  # for the stage-2 gate
         return st
@@ -413,7 +425,7 @@ def train_stage(
             torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip else None
         )
         opt.step()
-        if stage == 0 and step >= cfg.autoencoder.disc_start and cfg.autoencoder.disc_weight > 0:
+        if opt_d is not None and step >= cfg.autoencoder.disc_start and cfg.autoencoder.disc_weight > 0:
             with run.autocast(bf16):
                 d_loss = hinge_d_loss(wrapped_d(x1), wrapped_d(x_rec.detach()))
             opt_d.zero_grad(set_to_none=True)
@@ -669,71 +681,93 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _device() -> tuple[int, int, torch.device]:
+    """``(world size, rank, device)`` from torchrun's environment (one CPU process without it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if not torch.cuda.is_available():
+        return world, rank, torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return world, rank, torch.device("cuda", local)
+
+
+def _run_config(args: argparse.Namespace) -> MSGLDMConfig:
+    """The preset's (or the --init checkpoint's) config; when resuming, the run's own; then the --set overrides."""
+    import yaml
+
+    cfg = read_config(args.init) if args.init else load_preset(args.preset)
+    saved_cfg = args.out / "config.json"
+    if saved_cfg.is_file():  # resuming: the run's own config wins (the preset may have changed since)
+        cfg = MSGLDMConfig.from_dict(json.loads(saved_cfg.read_text()))
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    return cfg.replace(overrides) if overrides else cfg
+
+
+def _split(args: argparse.Namespace, cfg: MSGLDMConfig, seed: int, val_fraction: float) -> dict[str, list]:
+    """The subject-level train / val / test split of the --data cases (everything trains when there is one subject)."""
+    cases = find_cases(args.data, layout=args.layout, modalities=cfg.modalities)
+    test_fraction = cfg.train.test_fraction
+    if (val_fraction > 0 or test_fraction > 0) and len({c.subject for c in cases}) > 1:
+        return split_cases(
+            cases, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, test_cases=cfg.train.test_cases
+        )
+    return {"train": list(cases), "val": [], "test": []}
+
+
+def _write_run_files(out: Path, cfg: MSGLDMConfig, splits: dict[str, list], train_ds: SliceDataset, *, seed: int,
+                     val_fraction: float, data: list[Path]) -> None:
+    (out / "config.json").write_text(cfg.to_json() + "\n")
+    record = {
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": cfg.train.test_fraction,
+        **{name: [c.id for c in splits[name]] for name in ("train", "val", "test")},
+        "validation_on": "val" if splits["val"] else "train subset",
+        "train_slices": len(train_ds),
+        "data": [str(d) for d in data],
+    }
+    (out / "split.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _init_from(model: MSGLDM, init: Path) -> set[int]:
+    """Load the --init checkpoint's parts; the stages whose part does not fit this config (they start afresh)."""
+    fresh: set[int] = set()
+    base = load_checkpoint(init)
+    for stage, part in enumerate(PARTS):
+        try:
+            getattr(model, part).load_state_dict(getattr(base, part).state_dict())
+        except RuntimeError as exc:  # e.g. --set autoencoder.latent_channels=16: that stage starts afresh
+            fresh.add(stage)
+            log.info("--init: the %s of %s does not fit this config (%s): stage %d starts from random weights",
+                     part, init, str(exc).splitlines()[0], stage)
+    return fresh
+
+
 def main(argv: list[str] | None = None) -> Path | None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-
-    import yaml
-
-    cfg = read_config(args.init) if args.init else load_preset(args.preset)
-    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    world, rank, device = _device()
+    cfg = _run_config(args)
     out: Path = args.out
-    saved_cfg = out / "config.json"
-    if saved_cfg.is_file():  # resuming: the run's own config wins (the preset may have changed since)
-        cfg = MSGLDMConfig.from_dict(json.loads(saved_cfg.read_text()))
-    if overrides:
-        cfg = cfg.replace(overrides)
     seed = cfg.train.seed if args.seed is None else args.seed
     batch = args.batch_size or cfg.train.batch_size
     val_fraction = cfg.train.val_fraction if args.val_fraction is None else args.val_fraction
     torch.manual_seed(seed)
 
-    cases = find_cases(args.data, layout=args.layout, modalities=cfg.modalities)
-    test_fraction = cfg.train.test_fraction
-    if (val_fraction > 0 or test_fraction > 0) and len({c.subject for c in cases}) > 1:
-        splits = split_cases(
-            cases, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, test_cases=cfg.train.test_cases
-        )
-        train_cases, val_cases, test_cases = splits["train"], splits["val"], splits["test"]
-    else:
-        train_cases, val_cases, test_cases = list(cases), [], []
+    splits = _split(args, cfg, seed, val_fraction)
     run = Run(out, device, rank, world)
-    train_ds = SliceDataset(train_cases, cfg)
-    val_ds = SliceDataset(val_cases, cfg) if val_cases else train_ds
+    train_ds = SliceDataset(splits["train"], cfg)
+    val_ds = SliceDataset(splits["val"], cfg) if splits["val"] else train_ds
     spacing = tuple(round(float(s), 4) for s in train_ds.spacings[0]) if train_ds.spacings else None
     if cfg.train_spacing is None and spacing is not None:
         cfg = cfg.replace({"train_spacing": list(spacing)})
     if run.is_main:
-        saved_cfg.write_text(cfg.to_json() + "\n")
-        (out / "split.json").write_text(
-            json.dumps(
-                {
-                    "seed": seed,
-                    "val_fraction": val_fraction,
-                    "test_fraction": test_fraction,
-                    "train": [c.id for c in train_cases],
-                    "val": [c.id for c in val_cases],
-                    "test": [c.id for c in test_cases],
-                    "validation_on": "val" if val_cases else "train subset",
-                    "train_slices": len(train_ds),
-                    "data": [str(d) for d in args.data],
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        _write_run_files(out, cfg, splits, train_ds, seed=seed, val_fraction=val_fraction, data=args.data)
     steps_cfg = [cfg.train.stage0_steps, cfg.train.stage1_steps, cfg.train.stage2_steps]
     steps = _parse_steps(args.max_steps) or steps_cfg
     if args.epochs is not None:
@@ -742,17 +776,8 @@ def main(argv: list[str] | None = None) -> Path | None:
 
     torch.manual_seed(seed)
     model = MSGLDM(cfg).to(device)
-    fresh: set[int] = set()  # stages whose part the base checkpoint cannot fill (a changed shape): trained here
-    if args.init:
-        base = load_checkpoint(args.init)
-        for stage, part in enumerate(PARTS):
-            try:
-                getattr(model, part).load_state_dict(getattr(base, part).state_dict())
-            except RuntimeError as exc:  # e.g. --set autoencoder.latent_channels=16: that stage starts afresh
-                fresh.add(stage)
-                log.info("--init: the %s of %s does not fit this config (%s): stage %d starts from random weights",
-                         part, args.init, str(exc).splitlines()[0], stage)
-        del base
+    # stages whose part the base checkpoint cannot fill (a changed shape): trained here
+    fresh = _init_from(model, args.init) if args.init else set()
     results: dict = {}
     for stage in range(3):
         if stage in stages:
@@ -793,27 +818,33 @@ def main(argv: list[str] | None = None) -> Path | None:
         log.info("no inference checkpoint yet: stage(s) %s still have random weights (run them)", sorted(unfilled))
     if (2 not in stages and not args.init) or unfilled or not run.is_main:
         return None  # without stage 2 (and nothing to fine-tune from) there is no servable model yet
+    metrics = _metrics(run, args.init, results, batch=batch, world=world)
     state2 = _load_stage(run, 2)
-    base = json.loads((args.init / "metrics.json").read_text()) if args.init else {}
+    dest = save_checkpoint(model, out / "model", metrics=metrics, unet_state=state2.get("ema") if state2 else None)
+    log.info("inference checkpoint written to %s", dest)
+    return dest
+
+
+def _metrics(run: Run, init: Path | None, results: dict, *, batch: int, world: int) -> dict:
+    """The inference checkpoint's metrics.json: steps, validation, gates and split; a fine-tune's base too."""
+    base = json.loads((init / "metrics.json").read_text()) if init else {}
     steps_done = {f"stage{k}": (_load_stage(run, k) or {}).get("step") for k in range(3)}
     metrics = {
         "trained": True,
         "steps": {k: v if v is not None else (base.get("steps") or {}).get(k) for k, v in steps_done.items()},
         "validation": {**base.get("validation", {}), **{f"stage{k}": v for k, v in results.items()}},
         "gates": {**base.get("gates", {}), **run.progress["gates"]},
-        "split": json.loads((out / "split.json").read_text()),
+        "split": json.loads((run.out / "split.json").read_text()),
         "batch_size": batch,
         "world_size": world,
-        "device": str(device),
+        "device": str(run.device),
         "wall_s_this_invocation": round(time.time() - run.t0, 1),
     }
-    if args.init:  # a fine-tune: what it started from, and which stages this run folder trained (any invocation)
-        metrics["fine_tuned_from"] = {"version": base.get("version") or args.init.name,
+    if init:  # a fine-tune: what it started from, and which stages this run folder trained (any invocation)
+        metrics["fine_tuned_from"] = {"version": base.get("version") or init.name,
                                       "stages": [k for k, v in steps_done.items() if v is not None],
                                       "base_steps": base.get("steps")}
-    dest = save_checkpoint(model, out / "model", metrics=metrics, unet_state=state2.get("ema") if state2 else None)
-    log.info("inference checkpoint written to %s", dest)
-    return dest
+    return metrics
 
 
 if __name__ == "__main__":
