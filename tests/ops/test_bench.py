@@ -76,3 +76,6 @@ def test_bench_api_runs_and_writes_json(tmp_path):
     assert set(result["met"]) == {"status_rps", "status_p99", "submit_p95", "long_queue"}
     assert result["queue_position_query_s"]["newest_s"] > 0
     assert len(result["queue_alternating"]["newest"]["p50_ms"]) == 1
+    cpu = result["status_empty_queue"]["cpu_ms_per_request"]  # where a request's CPU goes, by process
+    assert set(cpu) == {"api", "postgres", "redis-server", "wrk"} and cpu["api"] > 0 and cpu["wrk"] > 0
+    assert 0 < result["status_empty_queue"]["cpu_busy_share"] <= 1.05
