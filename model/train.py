@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import checkpoint_version, load_checkpoint, save_checkpoint
 from model.config import MSGLDMConfig, load_preset, read_config
 from model.data import find_cases, split_cases
 from model.losses import (
@@ -841,7 +841,7 @@ def _metrics(run: Run, init: Path | None, results: dict, *, batch: int, world: i
         "wall_s_this_invocation": round(time.time() - run.t0, 1),
     }
     if init:  # a fine-tune: what it started from, and which stages this run folder trained (any invocation)
-        metrics["fine_tuned_from"] = {"version": base.get("version") or init.name,
+        metrics["fine_tuned_from"] = {"version": base.get("version") or checkpoint_version(init),
                                       "stages": [k for k, v in steps_done.items() if v is not None],
                                       "base_steps": base.get("steps")}
     return metrics

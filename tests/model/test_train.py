@@ -12,7 +12,7 @@ import torch
 import yaml
 
 import model.train as train_mod
-from model.checkpoint import load_checkpoint
+from model.checkpoint import checkpoint_version, load_checkpoint
 from model.data import find_cases
 from model.slices import ModalityMasker, SliceDataset
 
@@ -219,6 +219,7 @@ def test_fine_tune_with_a_changed_latent_retrains_stage0_and_never_serves_a_rand
     assert all(torch.equal(v, stage0[k]) for k, v in tuned.autoencoder.state_dict().items())
     metrics = json.loads((dest / "metrics.json").read_text())  # both invocations' stages, and both gates
     assert metrics["fine_tuned_from"]["stages"] == ["stage0", "stage2"]
+    assert metrics["fine_tuned_from"]["version"] == checkpoint_version(base)  # the base's version, not its folder
     assert {"stage0", "stage2"} <= set(metrics["gates"])
 
 
