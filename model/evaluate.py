@@ -453,6 +453,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         "cases": [c.id for c in eval_cases],
         "baseline_train_cases": [c.id for c in train_pool],
         "seg_is_prediction": any(c.seg_is_prediction for c in eval_cases if c.seg is not None),
+        "seg_predicted_cases": [c.id for c in eval_cases if c.seg is not None and c.seg_is_prediction],
         "steps": args.steps if args.steps is not None else cfg.diffusion.default_steps,
         "seed": args.seed,
         "max_slices": args.max_slices,

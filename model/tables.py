@@ -89,9 +89,16 @@ def markdown_report(report: dict) -> str:
     table("MAE (brain, [0, 1]) and wall time per synthesized volume (s)",
           [("MAE", "mae", 1.0, 4), ("s/vol", "seconds", 1.0, 2)])
     if has_dice:
+        predicted = report.get("seg_predicted_cases")
+        if predicted:
+            against = (" against each case's labels: expert labels, except " + ", ".join(predicted)
+                       + " (a *predicted* segmentation, BraTS-Toolkit fusion)")
+        elif report.get("seg_is_prediction"):  # reports written before seg_predicted_cases existed
+            against = " against a *predicted* segmentation (BraTS-Toolkit fusion), not expert truth"
+        else:
+            against = " against the expert labels"
         lines += ["Dice: the checkpoint's structure-model segmentation of the available + synthesized inputs, "
-                  "mean of WT, TC, ET" + (" against a *predicted* segmentation (BraTS-Toolkit fusion), not expert "
-                                          "truth" if report.get("seg_is_prediction") else "") + ".", ""]
+                  "mean of WT, TC, ET" + against + "; cases without labels have none.", ""]
     if report.get("figures"):
         lines += ["## Figures", ""] + [f"![{t}]({p})" for t, p in report["figures"].items()] + [""]
     return "\n".join(lines)
@@ -126,6 +133,7 @@ def merge_reports(paths: Sequence[str | Path], out: str | Path, title: str | Non
         "folds": [{k: r.get(k) for k in ("checkpoint", "version", "command", "cases", "baseline_train_cases",
                                           "steps", "max_slices", "wall_seconds")} for r in reports],
         "seg_is_prediction": any(r.get("seg_is_prediction") for r in reports),
+        "seg_predicted_cases": sorted({c for r in reports for c in r.get("seg_predicted_cases", [])}),
         "steps": reports[0].get("steps"),
         "seed": reports[0].get("seed"),
         "max_slices": reports[0].get("max_slices"),
