@@ -216,6 +216,8 @@ class DiffusionConfig:
     default_steps: int = 50  # service default; see docs/model.md for the measured steps table
     eta: float = 1.0  # authors' DDIM default
     replace_known: bool = False  # inpainting-style: known modalities' latents replaced by their noised truth
+    condition_known: bool = False  # the UNet also sees the known modalities' clean latents + which they are (paper:
+    # F_s only)
 
     def __post_init__(self) -> None:
         _check(

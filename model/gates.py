@@ -154,7 +154,8 @@ def stage2(
         available[:, others] = True
         eps = torch.randn(z0.shape, generator=gen)
         z_t = model.scheduler.add_noise(z0, eps, torch.full((len(x),), t))
-        out = model.unet(z_t, torch.full((len(x),), t), model.condition(x, available))
+        cond = model.unet_condition(model.condition(x, available), z0, available)
+        out = model.unet(z_t, torch.full((len(x),), t), cond)
         ch = slice(j * k, (j + 1) * k)
         err = (_z0_estimate(model, out, z_t, t)[:, ch] - z0[:, ch]).pow(2).mean().item()
         base = (z_mean[None, ch] - z0[:, ch]).pow(2).mean().item()

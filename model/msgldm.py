@@ -27,12 +27,24 @@ class MSGLDM(nn.Module):
         self.modalities = cfg.modalities
         self.autoencoder = Autoencoder(cfg.autoencoder)
         self.structure = StructureModel(cfg.structure, len(cfg.modalities))
-        self.unet = UNet(cfg.unet, cfg.latent_channels, cfg.structure.channels[-1])
+        self.unet = UNet(cfg.unet, cfg.latent_channels, self.condition_channels)
         self.scheduler = DDIMScheduler(cfg.diffusion)
 
     @property
     def z_per_modality(self) -> int:
         return self.cfg.autoencoder.latent_channels
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels of the UNet's condition: F_s (paper), plus the known latents and M availability maps with
+        ``diffusion.condition_known``."""
+        extra = self.cfg.latent_channels + len(self.modalities) if self.cfg.diffusion.condition_known else 0
+        return self.cfg.structure.channels[-1] + extra
+
+    @property
+    def needs_known_latents(self) -> bool:
+        """Whether sampling needs the available modalities' latents (inpainting or conditioning on them)."""
+        return self.cfg.diffusion.replace_known or self.cfg.diffusion.condition_known
 
     # ------------------------------------------------------------------ stage 0/1 wrappers
 
@@ -58,6 +70,21 @@ class MSGLDM(nn.Module):
     def latent_mask(self, available: torch.Tensor) -> torch.Tensor:
         """``(B, M)`` bool -> ``(B, 4M, 1, 1)`` float: 1 on the latent channels of the given modalities."""
         return available.float().repeat_interleave(self.z_per_modality, dim=1)[:, :, None, None]
+
+    def unet_condition(
+        self, f_s: torch.Tensor, z0_known: torch.Tensor | None = None, known: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What the UNet is conditioned on (concatenated to ``z_t``): ``f_s`` alone (paper), or with
+        ``diffusion.condition_known`` also ``[z0 * mask(known), known as M constant maps]``: the available
+        modalities' clean latents, zero on the missing ones, and which ones they are."""
+        if not self.cfg.diffusion.condition_known:
+            return f_s
+        if z0_known is None or known is None:
+            raise ValueError("diffusion.condition_known: the UNet needs the known modalities' latents and mask")
+        known = known.to(f_s.device)
+        z_known = z0_known.to(f_s) * self.latent_mask(known).to(f_s)
+        maps = known.to(f_s)[:, :, None, None].expand(-1, -1, *f_s.shape[-2:])
+        return torch.cat([f_s, z_known, maps], 1)
 
     # ------------------------------------------------------------------ stage 2
 
@@ -90,7 +117,8 @@ class MSGLDM(nn.Module):
             missing = 1.0 - self.latent_mask(available.to(z0.device)).to(z0)
             weight = 1.0 + (self.cfg.diffusion.missing_weight - 1.0) * missing
         net = self.unet if unet is None else unet
-        return diffusion_loss(net(z_t, t, f_s.to(z0)), self.scheduler.target(z0, eps, t), weight)
+        cond = self.unet_condition(f_s.to(z0), z0, available)
+        return diffusion_loss(net(z_t, t, cond), self.scheduler.target(z0, eps, t), weight)
 
     def denoise(
         self,
@@ -102,6 +130,7 @@ class MSGLDM(nn.Module):
         chunk_size: int = 64,
         z0_known: torch.Tensor | None = None,
         known: torch.Tensor | None = None,
+        replace_known: bool | None = None,
         callback: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """DDIM reverse diffusion for a stack of slices, in chunks: ``f_s (S, C_s, h, w)`` -> ``z0 (S, 4M, h, w)``.
@@ -109,15 +138,19 @@ class MSGLDM(nn.Module):
         1. ``z_T ~ N(0, I)`` and every step's noise are drawn on the CPU from ``seed`` for the whole stack (results
            do not depend on the device or the chunk size);
         2. for each DDIM timestep: ``eps`` by the UNet chunk by chunk, DDIM update (Song et al. 2021, Eq. 12);
-        3. optional inpainting: the ``known (S, M)`` modalities' channels are replaced by their noised true latents
-           ``z0_known`` at the next timestep (clean at the end);
+        3. optional inpainting (``replace_known``, default the config's): the ``known (S, M)`` modalities' channels
+           are replaced by their noised true latents ``z0_known`` at the next timestep (clean at the end); with
+           ``diffusion.condition_known`` the UNet is also conditioned on ``z0_known`` (:meth:`unet_condition`);
         4. ``callback(step, steps)`` after every step (exceptions propagate: that is how a caller cancels).
         """
         eta = self.cfg.diffusion.eta if eta is None else eta
+        replace_known = self.cfg.diffusion.replace_known if replace_known is None else replace_known
         gen = torch.Generator().manual_seed(int(seed))
         shape = (f_s.shape[0], self.cfg.latent_channels, *f_s.shape[-2:])
         z = torch.randn(shape, generator=gen).to(f_s.device, torch.float32)
-        mask = self.latent_mask(known).to(z) if (known is not None and z0_known is not None) else None
+        cond = self.unet_condition(f_s, z0_known, known)
+        replace = replace_known and known is not None and z0_known is not None
+        mask = self.latent_mask(known).to(z) if replace else None
         ts = self.scheduler.timesteps(steps)
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else None
@@ -126,7 +159,7 @@ class MSGLDM(nn.Module):
             for start in range(0, shape[0], chunk_size):
                 sl = slice(start, start + chunk_size)
                 t_batch = torch.full((z[sl].shape[0],), t, device=z.device, dtype=torch.long)
-                eps = self.scheduler.to_eps(self.unet(z[sl], t_batch, f_s[sl]).float(), t, z[sl])
+                eps = self.scheduler.to_eps(self.unet(z[sl], t_batch, cond[sl]).float(), t, z[sl])
                 z_next[sl], _ = self.scheduler.step(eps, t, t_prev, z[sl], eta, None if noise is None else noise[sl])
             if mask is not None:
                 if t_prev is None:
@@ -155,7 +188,8 @@ class MSGLDM(nn.Module):
         steps = steps or self.cfg.diffusion.default_steps
         replace_known = self.cfg.diffusion.replace_known if replace_known is None else replace_known
         f_s = self.condition(x, available)
-        z0_known = self.encode_latents(x) if replace_known else None
+        need_known = replace_known or self.cfg.diffusion.condition_known
+        z0_known = self.encode_latents(x) if need_known else None
         z = self.denoise(
             f_s,
             steps,
@@ -163,6 +197,7 @@ class MSGLDM(nn.Module):
             seed=seed,
             chunk_size=x.shape[0],
             z0_known=z0_known,
-            known=available if replace_known else None,
+            known=available if need_known else None,
+            replace_known=replace_known,
         )
         return self.decode_latents(z)

@@ -175,6 +175,7 @@ class Synthesizer:
         n = x.shape[0]
         target_idx = [self.modalities.index(m) for m in target_names]
         replace_known = self.config.diffusion.replace_known if replace_known is None else replace_known
+        need_known = replace_known or self.config.diffusion.condition_known
         cs = self.chunk_size
 
         with torch.inference_mode():
@@ -187,10 +188,10 @@ class Synthesizer:
                     xc = self._to_device(x[s : s + cs])
                     av = available_row.expand(xc.shape[0], -1).to(self.device)
                     f_s.append(self.model.condition(xc, av).float().contiguous())
-                    if replace_known:
+                    if need_known:
                         z_known.append(self.model.encode_latents(xc).float().contiguous())
             f_s_all = torch.cat(f_s)
-            z0_known = torch.cat(z_known) if replace_known else None
+            z0_known = torch.cat(z_known) if need_known else None
             timings["encode"] = time.perf_counter() - t0
 
             # 3. denoise, K samples
@@ -213,7 +214,8 @@ class Synthesizer:
                             seed=sample_seed,
                             chunk_size=self.denoise_chunk_size(n),
                             z0_known=z0_known,
-                            known=available_row.expand(n, -1).to(self.device) if replace_known else None,
+                            known=available_row.expand(n, -1).to(self.device) if need_known else None,
+                            replace_known=replace_known,
                             callback=on_step,
                         ).cpu()
                     )

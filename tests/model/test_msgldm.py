@@ -98,9 +98,49 @@ def test_replace_known_keeps_the_known_latents(micro_cfg):
     avail = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
     with torch.no_grad():
         z0 = model.encode_latents(x)
-        z = model.denoise(model.condition(x, avail), 3, seed=0, chunk_size=2, z0_known=z0, known=avail)
+        z = model.denoise(
+            model.condition(x, avail), 3, seed=0, chunk_size=2, z0_known=z0, known=avail, replace_known=True
+        )
     mask = model.latent_mask(avail).expand_as(z).bool()
     assert torch.allclose(z[mask], z0[mask])
+
+
+def test_condition_known_feeds_the_known_latents_and_never_the_missing_ones():
+    """diffusion.condition_known: the UNet's condition is [F_s, z0 on the known channels (0 elsewhere), M
+    availability maps]; the sample moves with a known modality's latent and not at all with a missing one's."""
+    torch.manual_seed(0)
+    cfg = micro_config(**{"diffusion.condition_known": True})
+    model = MSGLDM(cfg).eval()
+    c_s, m = cfg.structure.channels[-1], len(cfg.modalities)
+    assert model.unet.conv_in.in_channels == 2 * cfg.latent_channels + c_s + m
+    assert MSGLDM(micro_config()).unet.conv_in.in_channels == cfg.latent_channels + c_s  # the paper's
+    torch.nn.init.normal_(model.unet.conv_out.weight, std=0.1)
+    x = torch.rand(2, 4, 32, 32) * 2 - 1
+    avail = torch.tensor([[1, 0, 1, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        z0, f_s = model.encode_latents(x), model.condition(x, avail)
+        cond = model.unet_condition(f_s, z0, avail)
+        known = model.latent_mask(avail).expand_as(z0).bool()
+        assert torch.equal(cond[:, :c_s], f_s)
+        z_part = cond[:, c_s : c_s + cfg.latent_channels]
+        assert torch.equal(z_part[known], z0[known]) and not z_part[~known].any()
+        assert torch.equal(cond[:, -m:, 0, 0], avail.float())
+
+        def run(z_known):
+            return model.denoise(f_s, 3, seed=0, chunk_size=2, z0_known=z_known, known=avail)
+
+        base = run(z0)
+        k = model.z_per_modality
+        missing = z0.clone()
+        missing[:, 3 * k : 4 * k] += 5.0  # FLAIR is missing in both rows
+        assert torch.equal(run(missing), base)
+        moved = z0.clone()
+        moved[:, 0:k] += 5.0  # T1 is known in both rows
+        assert not torch.allclose(run(moved), base, atol=1e-4)
+        with pytest.raises(ValueError, match="condition_known"):
+            model.denoise(f_s, 3, seed=0)
+        # training: the loss is computed on the same condition (it runs, and backpropagates into the UNet)
+        assert model.diffusion_training_loss(None, avail, torch.Generator().manual_seed(0), z0=z0, f_s=f_s) > 0
 
 
 @requires_data(BRATS)
