@@ -483,8 +483,15 @@ class Stage2Cache:
         key = {"slices": len(ds), "origin": ds.origin[:3] + ds.origin[-3:], "subsets": model.cfg.train.fs_cache_subsets}
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)  # our own file in the run directory
-            if saved.get("key") == json.dumps(key) and saved["latent_scale"] == model.cfg.diffusion.latent_scale:
-                log.info("stage-2 cache read from %s", path)
+            measured = model.cfg.diffusion.latent_scale_from_data  # then the saved scale is this data's measurement
+            if saved.get("key") == json.dumps(key) and (
+                measured or saved["latent_scale"] == model.cfg.diffusion.latent_scale
+            ):
+                if measured and saved["latent_scale"] != model.cfg.diffusion.latent_scale:
+                    model.cfg = model.cfg.replace({"diffusion.latent_scale": float(saved["latent_scale"])})
+                    if run.is_main:
+                        (run.out / "config.json").write_text(model.cfg.to_json() + "\n")
+                log.info("stage-2 cache read from %s (latent scale %.6f)", path, model.cfg.diffusion.latent_scale)
                 return cls(saved["z"], saved.get("f_s"), saved.get("subsets"), model)
         t0 = time.time()
         bf16 = model.cfg.train.cpu_bf16

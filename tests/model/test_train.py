@@ -193,6 +193,38 @@ def test_fine_tune_from_a_checkpoint_trains_only_the_stages_asked(tmp_path, data
     assert not (tmp_path / "ft" / "stage0.pt").exists()
 
 
+def test_a_repeated_stage_two_reads_its_cache_back_under_a_measured_latent_scale(tmp_path, dataset_root, caplog):
+    """Stage 2 from --init twice on the same stages 0-1 (an A/B of stage-2 settings): the second run reads the first
+    run's latents and F_s back, although the base's recorded latent scale is not this data's measurement."""
+    import logging
+    import shutil
+
+    from model.checkpoint import save_checkpoint
+    from model.msgldm import MSGLDM
+
+    torch.manual_seed(1)
+    base = save_checkpoint(
+        MSGLDM(micro_config(**{"diffusion.latent_scale_from_data": True, "train.fs_cache_subsets": 2})),
+        tmp_path / "base",
+    )
+
+    def run(out: str) -> dict:
+        args = ["--init", str(base), "--stage", "2", "--data", str(dataset_root), "--out", str(tmp_path / out),
+                "--max-steps", "1", "--threads", "1", "--seed", "0"]
+        train_mod.main(args)
+        return json.loads((tmp_path / out / "config.json").read_text())["diffusion"]
+
+    first = run("a")
+    assert first["latent_scale"] != 1.0  # measured, not the base's
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "stage2_cache.pt", tmp_path / "b" / "stage2_cache.pt")
+    with caplog.at_level(logging.INFO, logger="model.train"):
+        second = run("b")
+    assert any("stage-2 cache read" in r.getMessage() for r in caplog.records)
+    assert not any("latent scale measured" in r.getMessage() for r in caplog.records)
+    assert second["latent_scale"] == first["latent_scale"]
+
+
 def test_fine_tune_with_a_changed_latent_retrains_stage0_and_never_serves_a_random_part(tmp_path, dataset_root):
     """--init with --set autoencoder.latent_channels=N: the base's autoencoder and UNet no longer fit, so stages 0
     and 2 start from random weights and must be trained here; a stage-2 run without this run's stage0.pt stops
