@@ -66,7 +66,9 @@ def paper_reference(truth: np.ndarray, brain: np.ndarray, clip_percentiles: Sequ
 
 def paper_protocol(pred: np.ndarray, reference: np.ndarray, brain: np.ndarray, window: PaperWindow
                    ) -> dict[str, float]:
-    """``paper_psnr``, ``paper_ssim``, ``mae`` and ``slices`` of a [0, 1] prediction against ``paper_reference``."""
+    """``paper_psnr``, ``paper_ssim``, ``mae``, ``slices`` and the mean intensity inside the brain of the prediction
+    and of the reference (``brain_mean``, ``brain_mean_reference``: the volume's level, which a per-volume
+    percentile normalisation sets) of a [0, 1] prediction against ``paper_reference``."""
     p = np.asarray(pred, dtype=np.float64)
     p_sl = window.slices.to_slices(p, fill=0.0)[window.keep]
     y_sl = window.slices.to_slices(reference, fill=0.0)[window.keep]
@@ -74,6 +76,8 @@ def paper_protocol(pred: np.ndarray, reference: np.ndarray, brain: np.ndarray, w
         "paper_psnr": float(np.minimum(psnr_slices(p_sl, y_sl, 1.0), PSNR_CAP).mean()),
         "paper_ssim": float(ssim_slices(p_sl, y_sl, 1.0).mean()),
         "mae": mae(p, reference, brain),
+        "brain_mean": float(p[brain].mean()) if brain.any() else float("nan"),
+        "brain_mean_reference": float(np.asarray(reference)[brain].mean()) if brain.any() else float("nan"),
         "slices": int(window.keep.sum()),
     }
 

@@ -99,9 +99,46 @@ def markdown_report(report: dict) -> str:
             against = " against the expert labels"
         lines += ["Dice: the checkpoint's structure-model segmentation of the available + synthesized inputs, "
                   "mean of WT, TC, ET" + against + "; cases without labels have none.", ""]
+    lines += per_case_table(report.get("results", []), methods, targets)
     if report.get("figures"):
         lines += ["## Figures", ""] + [f"![{t}]({p})" for t, p in report["figures"].items()] + [""]
     return "\n".join(lines)
+
+
+def per_case_table(results: Sequence[dict], methods: Sequence[str], targets: Sequence[str]) -> list[str]:
+    """Markdown lines: each case at the largest M-bar of the results, per method and target the 2D PSNR / SSIM %
+    and the brain's mean intensity of the output against the reference's (where a method loses on one case only,
+    or by its level rather than its structure, this shows it). Empty without results."""
+    if not results:
+        return []
+    top = max(int(r["n_available"]) for r in results)
+    cells: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    cases: list[str] = []
+    for r in results:
+        if int(r["n_available"]) == top:
+            cells[(r["case"], r["method"], r["target"])].append(r)
+            if r["case"] not in cases:
+                cases.append(r["case"])
+
+    def cell(rows: list[dict]) -> str:
+        if not rows:
+            return "-"
+        text = (f"{np.mean([r['paper_psnr'] for r in rows]):.2f} / "
+                f"{100 * np.mean([r['paper_ssim'] for r in rows]):.2f}")
+        if all("brain_mean" in r for r in rows):
+            text += (f" / {np.mean([r['brain_mean'] for r in rows]):.2f} vs "
+                     f"{np.mean([r['brain_mean_reference'] for r in rows]):.2f}")
+        return text
+
+    head = ["Case", "Method"] + [t.upper() for t in targets]
+    lines = [f"## Per case (M̄ = {top}): 2D PSNR / SSIM % / brain mean intensity, output vs reference", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case in cases:
+        for m in methods:
+            if any((case, m, t) in cells for t in targets):
+                lines.append("| " + " | ".join([case, METHOD_LABELS.get(m, m)]
+                                               + [cell(cells.get((case, m, t), [])) for t in targets]) + " |")
+    return lines + [""]
 
 
 def json_default(o):

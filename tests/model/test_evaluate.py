@@ -89,6 +89,10 @@ def test_score_perfect_and_degraded_predictions(tmp_path):
     perfect = Volume(ref.normalized["t2"].astype(np.float32), LPS)
     s = score(perfect, "t2", ref)
     assert s["paper_ssim"] == pytest.approx(1.0) and s["paper_psnr"] > 60 and s["mae"] < 1e-6
+    assert s["brain_mean"] == pytest.approx(s["brain_mean_reference"]) and 0 < s["brain_mean"] < 1
+    dimmer = score(Volume((0.5 * perfect.data).astype(np.float32), LPS), "t2", ref)
+    assert dimmer["brain_mean"] == pytest.approx(0.5 * s["brain_mean_reference"], rel=1e-5)
+    assert dimmer["brain_mean_reference"] == pytest.approx(s["brain_mean_reference"])
     # the BraSyn protocol re-normalises each volume on its own: the raw reference scores 1; the reference in the
     # model's [0, 1] scale does not (background and darkest tissue both map to 0): the protocol's ceiling
     raw = score(images["t2"], "t2", ref)
@@ -140,8 +144,14 @@ def test_evaluate_cases_summary_markdown_and_figures(tmp_path):
     assert summary["msgldm"]["t1"]["all"]["paper_psnr"]["n"] >= 1
     assert set(summary["nearest"]["t1"]) <= {"1", "3", "all"}
     report = {"title": "test", "summary": summary, "cases": [case.id], "steps": 2, "seed": 0,
-              "figures": {"t1": "figures/t1.png"}}
+              "figures": {"t1": "figures/t1.png"}, "results": results}
     md = markdown_report(report)
+    # per case at the largest M-bar: the cell is that case's volume, with its level against the reference's
+    assert "## Per case (M̄ = 3)" in md
+    row = next(line for line in md.splitlines() if line.startswith(f"| {case.id} | MSG-LDM |"))
+    r = next(r for r in results if r["method"] == "msgldm" and r["n_available"] == 3)
+    assert f"{r['paper_psnr']:.2f} / {100 * r['paper_ssim']:.2f} / {r['brain_mean']:.2f} vs" in row
+    assert row.count("|") == 7 and f"| {case.id} | Nearest modality |" in md
     assert "| M̄ | Method | T1 PSNR | T1 SSIM % |" in md and "| 3 | MSG-LDM |" in md
     assert "| all | Nearest modality |" in md
     assert "SSIM tumour %" in md and "![t1](figures/t1.png)" in md
