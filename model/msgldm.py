@@ -41,11 +41,6 @@ class MSGLDM(nn.Module):
         extra = self.cfg.latent_channels + len(self.modalities) if self.cfg.diffusion.condition_known else 0
         return self.cfg.structure.channels[-1] + extra
 
-    @property
-    def needs_known_latents(self) -> bool:
-        """Whether sampling needs the available modalities' latents (inpainting or conditioning on them)."""
-        return self.cfg.diffusion.replace_known or self.cfg.diffusion.condition_known
-
     # ------------------------------------------------------------------ stage 0/1 wrappers
 
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
