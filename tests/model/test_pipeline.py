@@ -73,6 +73,22 @@ def test_chunk_size_does_not_change_the_output(checkpoint, synth, study):
     assert np.allclose(a, b, atol=1e-5)
 
 
+def test_a_checkpoint_conditioned_on_the_known_latents_synthesizes_from_them(tmp_path, study):
+    """diffusion.condition_known through the service's entry point: the pipeline encodes the known latents for the
+    UNet's condition even with replace_known off (the sampler refuses to run without them), chunking aside."""
+    torch.manual_seed(0)
+    model = MSGLDM(micro_config(**{"diffusion.condition_known": True}))
+    with torch.no_grad():
+        torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
+    ckpt = save_checkpoint(model, tmp_path / "ck")
+    synth = Synthesizer.from_pretrained(ckpt, device="cpu")
+    out = synth.synthesize(study, ["flair"], steps=2, seed=0, replace_known=False).volumes["flair"].data
+    again = Synthesizer.from_pretrained(ckpt, device="cpu", chunk_size=3)
+    assert np.allclose(again.synthesize(study, ["flair"], steps=2, seed=0, replace_known=False)
+                       .volumes["flair"].data, out, atol=1e-5)
+    assert out[study["t1"].data > 0].std() > 0
+
+
 def test_progress_reports_every_phase_and_step(synth, study):
     calls: list[tuple[str, float]] = []
     synth.synthesize(study, ["flair"], steps=3, samples=2, progress=lambda p, f: calls.append((p, f)))
