@@ -66,6 +66,11 @@ class MSGLDM(nn.Module):
         """``(B, M)`` bool -> ``(B, 4M, 1, 1)`` float: 1 on the latent channels of the given modalities."""
         return available.float().repeat_interleave(self.z_per_modality, dim=1)[:, :, None, None]
 
+    def needs_known_latents(self, replace_known: bool) -> bool:
+        """Whether sampling needs the available modalities' latents: for inpainting (``replace_known``) or for the
+        UNet's condition (``diffusion.condition_known``)."""
+        return replace_known or self.cfg.diffusion.condition_known
+
     def unet_condition(
         self, f_s: torch.Tensor, z0_known: torch.Tensor | None = None, known: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -183,7 +188,7 @@ class MSGLDM(nn.Module):
         steps = steps or self.cfg.diffusion.default_steps
         replace_known = self.cfg.diffusion.replace_known if replace_known is None else replace_known
         f_s = self.condition(x, available)
-        need_known = replace_known or self.cfg.diffusion.condition_known
+        need_known = self.needs_known_latents(replace_known)
         z0_known = self.encode_latents(x) if need_known else None
         z = self.denoise(
             f_s,

@@ -175,7 +175,7 @@ class Synthesizer:
         n = x.shape[0]
         target_idx = [self.modalities.index(m) for m in target_names]
         replace_known = self.config.diffusion.replace_known if replace_known is None else replace_known
-        need_known = replace_known or self.config.diffusion.condition_known
+        need_known = self.model.needs_known_latents(replace_known)
         cs = self.chunk_size
 
         with torch.inference_mode():

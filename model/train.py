@@ -461,6 +461,13 @@ def _random_crop(b: dict, size: int, gen: torch.Generator) -> dict:
     return {**b, "x": b["x"][..., i : i + size, j : j + size], "seg": b["seg"][..., i : i + size, j : j + size]}
 
 
+def _set_latent_scale(model: MSGLDM, run: Run, scale: float) -> None:
+    """The measured latent scale into the model's config and the run's ``config.json``."""
+    model.cfg = model.cfg.replace({"diffusion.latent_scale": scale})
+    if run.is_main:
+        (run.out / "config.json").write_text(model.cfg.to_json() + "\n")
+
+
 class Stage2Cache:
     """What does not change between stage-2 steps, computed once with the frozen stages 0-1.
 
@@ -488,9 +495,7 @@ class Stage2Cache:
                 measured or saved["latent_scale"] == model.cfg.diffusion.latent_scale
             ):
                 if measured and saved["latent_scale"] != model.cfg.diffusion.latent_scale:
-                    model.cfg = model.cfg.replace({"diffusion.latent_scale": float(saved["latent_scale"])})
-                    if run.is_main:
-                        (run.out / "config.json").write_text(model.cfg.to_json() + "\n")
+                    _set_latent_scale(model, run, float(saved["latent_scale"]))
                 log.info("stage-2 cache read from %s (latent scale %.6f)", path, model.cfg.diffusion.latent_scale)
                 return cls(saved["z"], saved.get("f_s"), saved.get("subsets"), model)
         t0 = time.time()
@@ -506,9 +511,7 @@ class Stage2Cache:
         z = torch.cat(raw)
         if model.cfg.diffusion.latent_scale_from_data:
             scale = round(1.0 / float(z.std()), 6)
-            model.cfg = model.cfg.replace({"diffusion.latent_scale": scale})
-            if run.is_main:
-                (run.out / "config.json").write_text(model.cfg.to_json() + "\n")
+            _set_latent_scale(model, run, scale)
             log.info("latent scale measured on %d training slices: 1/std = %.4f", len(ds), scale)
         z = z * scale
         k = model.cfg.train.fs_cache_subsets
