@@ -253,6 +253,8 @@ class TrainConfig:
     stage0_train: Literal["all", "decoder"] = "all"  # decoder: the encoder frozen, so the latents (and a trained
     # stage 2 on them) stay valid while the decoder trains on (fine-tunes from --init)
     fs_cache_subsets: int = 0  # stage 2: F_s precomputed for this many random input subsets per slice (0: on the fly)
+    stage2_mirror: bool = False  # stage 2 also trains on every slice mirrored left-right (its own latents and F_s in
+    # the cache; each step picks a slice or its mirror at random): twice the subjects' anatomy (docs/model.md)
     stage0_steps: int = 100_000
     stage1_steps: int = 50_000
     stage2_steps: int = 100_000
@@ -278,6 +280,8 @@ class TrainConfig:
                f"got {self.lr_schedule!r}")
         _check(self.stage0_train in ("all", "decoder"), f"train.stage0_train must be all|decoder, "
                f"got {self.stage0_train!r}")
+        _check(not self.stage2_mirror or self.fs_cache_subsets > 0,
+               "train.stage2_mirror needs train.fs_cache_subsets > 0 (the mirrored F_s come from the cache)")
 
 
 @dataclass(frozen=True)

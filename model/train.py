@@ -475,7 +475,9 @@ class Stage2Cache:
     training latents when ``latent_scale_from_data``; the model's config is updated with it). With
     ``train.fs_cache_subsets = K > 0``: ``f_s (N, K, C, h, w)`` float16 for K random input subsets per slice
     (``subsets (N, K, M)``), drawn by the training masker; each step then picks one of them per sample. The
-    per-modality encoder features do not depend on the subset, so they are computed once per slice.
+    per-modality encoder features do not depend on the subset, so they are computed once per slice. With
+    ``train.stage2_mirror`` the cache holds ``2N`` rows: rows ``N + i`` are slice ``i`` mirrored left-right (encoded
+    and fused from the mirrored images, with their own subsets), and :meth:`batch` picks either at random.
     """
 
     def __init__(self, z: torch.Tensor, f_s: torch.Tensor | None, subsets: torch.Tensor | None, model: MSGLDM):
@@ -487,7 +489,10 @@ class Stage2Cache:
         """Computed, or read back from ``OUT/stage2_cache.pt`` (written on the first build: a resumed or repeated
         stage 2 on the same stages 0-1 and slices skips the encoding)."""
         path = run.out / "stage2_cache.pt"
+        mirror = model.cfg.train.stage2_mirror
         key = {"slices": len(ds), "origin": ds.origin[:3] + ds.origin[-3:], "subsets": model.cfg.train.fs_cache_subsets}
+        if mirror:
+            key["mirror"] = True
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)  # our own file in the run directory
             measured = model.cfg.diffusion.latent_scale_from_data  # then the saved scale is this data's measurement
@@ -503,11 +508,14 @@ class Stage2Cache:
         model.autoencoder.eval()
         model.structure.eval()
         scale = model.cfg.diffusion.latent_scale
+        views = [ds.x, ds.x.flip(-1)] if mirror else [ds.x]  # row N + i: slice i mirrored
+        present = torch.cat([ds.present] * len(views))
         raw = []
-        for start in range(0, len(ds), chunk):
-            x = ds.x[start : start + chunk].float().to(run.device)
-            with run.autocast(bf16):
-                raw.append((model.encode_latents(x).float() / scale).cpu())
+        for images in views:
+            for start in range(0, len(ds), chunk):
+                x = images[start : start + chunk].float().to(run.device)
+                with run.autocast(bf16):
+                    raw.append((model.encode_latents(x).float() / scale).cpu())
         z = torch.cat(raw)
         if model.cfg.diffusion.latent_scale_from_data:
             scale = round(1.0 / float(z.std()), 6)
@@ -518,15 +526,17 @@ class Stage2Cache:
         f_s = subsets = None
         if k:
             masker = ModalityMasker(torch.Generator().manual_seed(seed + 7))
-            subsets = torch.stack([masker(ds.present) for _ in range(k)], 1)  # (N, K, M)
+            subsets = torch.stack([masker(present) for _ in range(k)], 1)  # (N or 2N, K, M)
             parts = []
-            for start in range(0, len(ds), chunk):
-                x = ds.x[start : start + chunk].float().to(run.device)
-                sub = subsets[start : start + chunk].to(run.device)
-                with run.autocast(bf16):
-                    feats = model.structure.modality_features(x, ds.present[start : start + chunk].to(run.device))
-                    per_subset = [model.structure.fuse(feats, sub[:, i])["f_s"].float() for i in range(k)]
-                parts.append(torch.stack(per_subset, 1).half().cpu())
+            for v, images in enumerate(views):
+                for start in range(0, len(ds), chunk):
+                    x = images[start : start + chunk].float().to(run.device)
+                    rows = slice(v * len(ds) + start, v * len(ds) + start + len(x))
+                    sub = subsets[rows].to(run.device)
+                    with run.autocast(bf16):
+                        feats = model.structure.modality_features(x, present[rows].to(run.device))
+                        per_subset = [model.structure.fuse(feats, sub[:, i])["f_s"].float() for i in range(k)]
+                    parts.append(torch.stack(per_subset, 1).half().cpu())
             f_s = torch.cat(parts)
         if run.is_main:
             blob = {"key": json.dumps(key), "latent_scale": scale, "z": z}
@@ -547,11 +557,18 @@ class Stage2Cache:
         )
         return cls(z, f_s, subsets, model)
 
+    @property
+    def slices(self) -> int:
+        """Training slices the cache covers (its rows are twice as many when it holds their mirrors)."""
+        return len(self.z) // (2 if self.model.cfg.train.stage2_mirror else 1)
+
     def batch(
         self, index: torch.Tensor, gen: torch.Generator, masker: ModalityMasker, present: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``(z0, f_s, available)`` for the slices ``index``; ``f_s`` None without an F_s cache (the model
-        computes it from the batch's images then)."""
+        computes it from the batch's images then). With mirrors, each sample is its slice or the mirror, at random."""
+        if len(self.z) > self.slices:
+            index = index + self.slices * torch.randint(0, 2, (len(index),), generator=gen)
         z0 = self.z[index]
         if self.f_s is None:
             return z0, None, masker(present)

@@ -13,6 +13,7 @@ import yaml
 
 import model.train as train_mod
 from model.checkpoint import checkpoint_version, load_checkpoint
+from model.config import ConfigError
 from model.data import find_cases
 from model.slices import ModalityMasker, SliceDataset
 
@@ -298,3 +299,33 @@ def test_ddp_on_cpu_with_two_processes(tmp_path, dataset_root):
     metrics = json.loads((out / "model" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == {"stage0": 1, "stage1": 1, "stage2": 1}
     load_checkpoint(out / "model")
+
+
+def test_stage_two_mirror_cache_holds_each_slice_and_its_mirror_encoded_from_mirrored_images(tmp_path, dataset_root):
+    """train.stage2_mirror: rows N + i of the cache are slice i flipped left-right *before* encoding (not the
+    flipped latents: the convolutions are not mirror-symmetric), with F_s fused from the mirrored features on
+    their own subsets; a batch draws both halves."""
+    from model.msgldm import MSGLDM
+
+    torch.manual_seed(1)
+    cfg = micro_config(**{"train.fs_cache_subsets": 2, "train.stage2_mirror": True})
+    model = MSGLDM(cfg).eval()
+    ds = SliceDataset(find_cases(dataset_root), cfg)
+    n = len(ds)
+    cache = train_mod.Stage2Cache.build(model, ds, train_mod.Run(tmp_path, torch.device("cpu"), 0, 1), seed=0)
+    assert cache.z.shape[0] == 2 * n and cache.f_s.shape[0] == 2 * n and cache.slices == n
+    i = n // 2
+    with torch.no_grad():
+        mirrored = ds.x[i : i + 1].flip(-1).float()
+        z = model.encode_latents(mirrored)
+        assert torch.allclose(cache.z[n + i], z[0] * cfg.diffusion.latent_scale, atol=1e-4)
+        assert not torch.allclose(cache.z[n + i], cache.z[i].flip(-1), atol=1e-2)
+        sub = cache.subsets[n + i, 0][None]
+        f_s = model.structure.encode_structure(mirrored, sub)["f_s"]
+        assert torch.allclose(cache.f_s[n + i, 0].float(), f_s[0], atol=2e-2)
+    gen = torch.Generator().manual_seed(0)
+    z0, _, _ = cache.batch(torch.zeros(64, dtype=torch.long), gen, ModalityMasker(gen), ds.present[:64])
+    drawn = {int(torch.isclose(row, cache.z[n]).all()) for row in z0}
+    assert drawn == {0, 1}  # slice 0 and its mirror both appear
+    with pytest.raises(ConfigError, match="stage2_mirror"):
+        micro_config(**{"train.stage2_mirror": True, "train.fs_cache_subsets": 0})
