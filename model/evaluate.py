@@ -225,11 +225,16 @@ def evaluate_cases(
     segmenter=None,
     figures_dir: Path | None = None,
     ceilings: list[dict] | None = None,
+    autoencoder=None,
+    autoencoded: list[dict] | None = None,
 ) -> list[dict]:
     """Run every method on every (case, available subset) and score every synthesized target.
 
     ``ceilings``, when given, receives per (case, target) the scores of the reference itself in the model's
     [0, 1] scale: the best any [0, 1] output can get under the BraSyn protocol's re-normalisation.
+    ``autoencoded``, with ``autoencoder`` (a ``Synthesizer``), receives per (case, target) the scores of the target
+    through the checkpoint's autoencoder (``Synthesizer.autoencode``): what MSG-LDM would score with a perfect
+    stage 2, so a gap to a baseline splits into the autoencoder's part and the latent prediction's.
     """
     results: list[dict] = []
     figure_done: set[str] = set()
@@ -258,6 +263,10 @@ def evaluate_cases(
             for t in wanted:
                 best = Volume(ref.normalized[t].astype(np.float32), images[t].affine)
                 ceilings.append({"case": case.id, "target": t, **score(best, t, ref)})
+        if autoencoder is not None and autoencoded is not None:
+            recon = autoencoder.autoencode(images)
+            for t in wanted:
+                autoencoded.append({"case": case.id, "target": t, **score(recon[t], t, ref)})
         # figures show the largest subset evaluated for each target
         for subset in subsets:
             job_targets = [t for t in wanted if t not in subset]
@@ -439,10 +448,12 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ceilings: list[dict] = []
+    autoencoded: list[dict] = []
     results = evaluate_cases(
         eval_cases, methods, modalities, cfg.preprocess, steps=args.steps, seed=args.seed,
         counts=_parse_counts(args.available), max_subsets=args.max_subsets, targets=targets,
-        max_slices=args.max_slices, segmenter=segmenter, figures_dir=out / "figures", ceilings=ceilings)
+        max_slices=args.max_slices, segmenter=segmenter, figures_dir=out / "figures", ceilings=ceilings,
+        autoencoder=synth, autoencoded=autoencoded)
     input_dependence_figure(results, out / "figures" / "input_dependence.png")
     figures = {p.stem: f"figures/{p.name}" for p in sorted((out / "figures").glob("*.png"))}
     report = {
@@ -474,6 +485,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         "results": results,
         "summary": summarize(results),
         "ceiling": summarize([{**c, "method": "ceiling", "n_available": 0} for c in ceilings]).get("ceiling", {}),
+        "autoencoder_ceiling": summarize([{**c, "method": "autoencoder", "n_available": 0}
+                                          for c in autoencoded]).get("autoencoder", {}),
         "figures": figures,
     }
     (out / "report.json").write_text(json.dumps(report, indent=1, default=json_default))

@@ -267,6 +267,24 @@ class Synthesizer:
         }
         return SynthesisResult(volumes=volumes, uncertainty=uncertainty, timings=timings, meta=meta)
 
+    def autoencode(self, study: dict[str, Volume]) -> dict[str, Volume]:
+        """Every volume of the study through the checkpoint's own autoencoder (encode, decode; no diffusion), on the
+        reference grid in [0, 1]: what a perfect stage 2 (the true latent) would synthesize, the ceiling the
+        evaluation reports beside the samples."""
+        prepared = self.prepare(study)
+        x = torch.from_numpy(prepared.x)
+        idx = [i for i, a in enumerate(prepared.available) if a]
+        images = np.zeros((len(idx), x.shape[0], *x.shape[-2:]), dtype=np.float32)
+        with torch.inference_mode():
+            for s in range(0, x.shape[0], self.chunk_size):
+                xc = self._to_device(x[s : s + self.chunk_size])
+                with self._autocast("encode"):
+                    z = self.model.encode_latents(xc).float()
+                with self._autocast("decode"):
+                    dec = self.model.decode_latents(z, idx).float().cpu()
+                images[:, s : s + dec.shape[0]] = dec.permute(1, 0, 2, 3).numpy()
+        return {self.modalities[i]: restore_volume(images[k], prepared) for k, i in enumerate(idx)}
+
     def segment(self, study: dict[str, Volume]) -> dict[str, Volume]:
         """The structure model's segmentation ("structure-model segmentation") from the study's volumes:
         probability maps ``{"WT", "TC", "ET"}`` on the reference grid, float32 in [0, 1]."""

@@ -86,6 +86,13 @@ def markdown_report(report: dict) -> str:
                  for t in targets if t in report["ceiling"]]
         lines += ["Ceiling of this protocol for outputs in the model's [0, 1] scale (the reference itself, "
                   "normalised like the model's output, then scored): SSIM3D % " + ", ".join(parts) + ".", ""]
+    if report.get("autoencoder_ceiling"):
+        ae = report["autoencoder_ceiling"]
+        parts = [f"{t.upper()} {_fmt(ae[t].get('all'), 'paper_psnr', 1.0, 2, std=False)} / "
+                 f"{_fmt(ae[t].get('all'), 'paper_ssim', 100.0, 2, std=False)}" for t in targets if t in ae]
+        lines += ["Autoencoder ceiling (each reference through the checkpoint's own autoencoder, no diffusion: what "
+                  "MSG-LDM would score with a perfect stage 2), paper protocol PSNR / SSIM %: " + ", ".join(parts)
+                  + ".", ""]
     table("MAE (brain, [0, 1]) and wall time per synthesized volume (s)",
           [("MAE", "mae", 1.0, 4), ("s/vol", "seconds", 1.0, 2)])
     if has_dice:
@@ -156,11 +163,11 @@ def merge_reports(paths: Sequence[str | Path], out: str | Path, title: str | Non
     if not reports:
         raise EvaluationError("merge needs at least one report.json")
     results = [{**r, "fold": i} for i, rep in enumerate(reports) for r in rep["results"]]
-    ceilings = []
-    for rep in reports:
-        for t, cells in rep.get("ceiling", {}).items():
-            ceilings.append({"target": t, "method": "ceiling", "n_available": 0,
-                             **{k: v["mean"] for k, v in cells.get("all", {}).items()}})
+    def pooled(key: str, method: str) -> dict:  # the folds' per-target means, averaged
+        rows = [{"target": t, "method": method, "n_available": 0, **{k: v["mean"] for k, v in cells.get("all", {}).items()}}
+                for rep in reports for t, cells in rep.get(key, {}).items()]
+        return summarize(rows).get(method, {})
+
     merged = {
         "title": title or "merged: " + "; ".join(r.get("title", "") for r in reports),
         "checkpoint": ", ".join(str(r.get("checkpoint")) for r in reports),
@@ -177,7 +184,8 @@ def merge_reports(paths: Sequence[str | Path], out: str | Path, title: str | Non
         "protocol": reports[0].get("protocol"),
         "results": results,
         "summary": summarize(results),
-        "ceiling": summarize(ceilings).get("ceiling", {}),
+        "ceiling": pooled("ceiling", "ceiling"),
+        "autoencoder_ceiling": pooled("autoencoder_ceiling", "autoencoder"),
         "figures": {},
     }
     out = Path(out)

@@ -181,6 +181,8 @@ def test_cli_on_a_random_tiny_checkpoint(tmp_path):
     assert (out / "baselines" / "unet" / "weights.safetensors").is_file()
     assert all("dice_mean" in r for r in report["results"])  # the case has labels: structure-model Dice
     assert set(report["ceiling"]) == {"t1", "t2", "t1ce", "flair"}
+    assert set(report["autoencoder_ceiling"]) == {"t1", "t2", "t1ce", "flair"}  # the autoencoder's reconstruction
+    assert "Autoencoder ceiling" in (out / "report.md").read_text()
     (target,) = {r["target"] for r in report["results"]}  # one subset of 3 inputs: one target
     assert [p.name for p in (out / "figures").glob("*.png")] == [f"{target}.png"]
     # pooling folds: results concatenated and tagged, summary recomputed
@@ -190,6 +192,7 @@ def test_cli_on_a_random_tiny_checkpoint(tmp_path):
     n = pooled["summary"]["nearest"][target]["all"]["paper_psnr"]["n"]
     assert n == 2 * report["summary"]["nearest"][target]["all"]["paper_psnr"]["n"]
     assert "| all | Regression U-Net |" in (tmp_path / "pooled" / "report.md").read_text()
+    assert pooled["autoencoder_ceiling"].keys() == report["autoencoder_ceiling"].keys()
 
 
 def test_cases_off_one_grid_are_skipped(tmp_path, caplog):
