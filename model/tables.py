@@ -163,8 +163,10 @@ def merge_reports(paths: Sequence[str | Path], out: str | Path, title: str | Non
     if not reports:
         raise EvaluationError("merge needs at least one report.json")
     results = [{**r, "fold": i} for i, rep in enumerate(reports) for r in rep["results"]]
+
     def pooled(key: str, method: str) -> dict:  # the folds' per-target means, averaged
-        rows = [{"target": t, "method": method, "n_available": 0, **{k: v["mean"] for k, v in cells.get("all", {}).items()}}
+        rows = [{"target": t, "method": method, "n_available": 0,
+                 **{k: v["mean"] for k, v in cells.get("all", {}).items()}}
                 for rep in reports for t, cells in rep.get(key, {}).items()]
         return summarize(rows).get(method, {})
 
