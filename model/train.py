@@ -468,6 +468,13 @@ def _set_latent_scale(model: MSGLDM, run: Run, scale: float) -> None:
         (run.out / "config.json").write_text(model.cfg.to_json() + "\n")
 
 
+def apply_gamma(x: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
+    """Images ``x (N, M, H, W)`` in [-1, 1] with each ``(slice, modality)`` remapped on [0, 1] as ``u ** gamma``
+    (``gammas (N, M)``): background (-1) and the maximum (1) stay, the tissue's level moves."""
+    u = ((x.float() + 1) / 2).clamp(0, 1)
+    return (u ** gammas[:, :, None, None].float() * 2 - 1).to(x.dtype)
+
+
 class Stage2Cache:
     """What does not change between stage-2 steps, computed once with the frozen stages 0-1.
 
@@ -475,13 +482,17 @@ class Stage2Cache:
     training latents when ``latent_scale_from_data``; the model's config is updated with it). With
     ``train.fs_cache_subsets = K > 0``: ``f_s (N, K, C, h, w)`` float16 for K random input subsets per slice
     (``subsets (N, K, M)``), drawn by the training masker; each step then picks one of them per sample. The
-    per-modality encoder features do not depend on the subset, so they are computed once per slice. With
-    ``train.stage2_mirror`` the cache holds ``2N`` rows: rows ``N + i`` are slice ``i`` mirrored left-right (encoded
-    and fused from the mirrored images, with their own subsets), and :meth:`batch` picks either at random.
+    per-modality encoder features do not depend on the subset, so they are computed once per slice. Augmented
+    *views* add ``N`` rows each, encoded and fused from the changed images (with their own subsets): with
+    ``train.stage2_mirror`` slice ``i`` mirrored left-right, with ``train.stage2_gamma`` each modality of slice
+    ``i`` remapped by its own random gamma (``gammas (N, M)``); rows ``v N + i`` are view ``v`` of slice ``i``
+    (original, mirror, gamma, in that order) and :meth:`batch` picks a view at random per sample.
     """
 
-    def __init__(self, z: torch.Tensor, f_s: torch.Tensor | None, subsets: torch.Tensor | None, model: MSGLDM):
+    def __init__(self, z: torch.Tensor, f_s: torch.Tensor | None, subsets: torch.Tensor | None, model: MSGLDM,
+                 views: int = 1, gammas: torch.Tensor | None = None):
         self.z, self.f_s, self.subsets, self.model = z, f_s, subsets, model
+        self.views, self.gammas = views, gammas
 
     @classmethod
     @torch.no_grad()
@@ -489,10 +500,12 @@ class Stage2Cache:
         """Computed, or read back from ``OUT/stage2_cache.pt`` (written on the first build: a resumed or repeated
         stage 2 on the same stages 0-1 and slices skips the encoding)."""
         path = run.out / "stage2_cache.pt"
-        mirror = model.cfg.train.stage2_mirror
+        mirror, gamma = model.cfg.train.stage2_mirror, model.cfg.train.stage2_gamma
         key = {"slices": len(ds), "origin": ds.origin[:3] + ds.origin[-3:], "subsets": model.cfg.train.fs_cache_subsets}
         if mirror:
             key["mirror"] = True
+        if gamma:
+            key["gamma"] = gamma
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)  # our own file in the run directory
             measured = model.cfg.diffusion.latent_scale_from_data  # then the saved scale is this data's measurement
@@ -502,13 +515,20 @@ class Stage2Cache:
                 if measured and saved["latent_scale"] != model.cfg.diffusion.latent_scale:
                     _set_latent_scale(model, run, float(saved["latent_scale"]))
                 log.info("stage-2 cache read from %s (latent scale %.6f)", path, model.cfg.diffusion.latent_scale)
-                return cls(saved["z"], saved.get("f_s"), saved.get("subsets"), model)
+                return cls(saved["z"], saved.get("f_s"), saved.get("subsets"), model, saved.get("views", 1),
+                           saved.get("gammas"))
         t0 = time.time()
         bf16 = model.cfg.train.cpu_bf16
         model.autoencoder.eval()
         model.structure.eval()
         scale = model.cfg.diffusion.latent_scale
-        views = [ds.x, ds.x.flip(-1)] if mirror else [ds.x]  # row N + i: slice i mirrored
+        views = [ds.x] + ([ds.x.flip(-1)] if mirror else [])  # rows v N + i: view v of slice i
+        gammas = None
+        if gamma:
+            g = torch.Generator().manual_seed(seed + 11)
+            bound = math.log1p(gamma)
+            gammas = torch.exp((torch.rand(ds.x.shape[:2], generator=g) * 2 - 1) * bound)  # (N, M), log-uniform
+            views.append(apply_gamma(ds.x, gammas))
         present = torch.cat([ds.present] * len(views))
         raw = []
         for images in views:
@@ -539,7 +559,7 @@ class Stage2Cache:
                     parts.append(torch.stack(per_subset, 1).half().cpu())
             f_s = torch.cat(parts)
         if run.is_main:
-            blob = {"key": json.dumps(key), "latent_scale": scale, "z": z}
+            blob = {"key": json.dumps(key), "latent_scale": scale, "z": z, "views": len(views), "gammas": gammas}
             if f_s is not None:
                 blob.update(f_s=f_s, subsets=subsets)
             torch.save(blob, path.with_suffix(".tmp"))
@@ -555,20 +575,20 @@ class Stage2Cache:
                 "wall_s": round(time.time() - t0, 1),
             }
         )
-        return cls(z, f_s, subsets, model)
+        return cls(z, f_s, subsets, model, len(views), gammas)
 
     @property
     def slices(self) -> int:
-        """Training slices the cache covers (its rows are twice as many when it holds their mirrors)."""
-        return len(self.z) // (2 if self.model.cfg.train.stage2_mirror else 1)
+        """Training slices the cache covers (its rows: that many per view)."""
+        return len(self.z) // self.views
 
     def batch(
         self, index: torch.Tensor, gen: torch.Generator, masker: ModalityMasker, present: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``(z0, f_s, available)`` for the slices ``index``; ``f_s`` None without an F_s cache (the model
-        computes it from the batch's images then). With mirrors, each sample is its slice or the mirror, at random."""
-        if len(self.z) > self.slices:
-            index = index + self.slices * torch.randint(0, 2, (len(index),), generator=gen)
+        computes it from the batch's images then). With augmented views, each sample draws one of its slice's."""
+        if self.views > 1:
+            index = index + self.slices * torch.randint(0, self.views, (len(index),), generator=gen)
         z0 = self.z[index]
         if self.f_s is None:
             return z0, None, masker(present)

@@ -301,31 +301,39 @@ def test_ddp_on_cpu_with_two_processes(tmp_path, dataset_root):
     load_checkpoint(out / "model")
 
 
-def test_stage_two_mirror_cache_holds_each_slice_and_its_mirror_encoded_from_mirrored_images(tmp_path, dataset_root):
-    """train.stage2_mirror: rows N + i of the cache are slice i flipped left-right *before* encoding (not the
-    flipped latents: the convolutions are not mirror-symmetric), with F_s fused from the mirrored features on
-    their own subsets; a batch draws both halves."""
+def test_stage_two_augmented_views_are_encoded_from_the_changed_images(tmp_path, dataset_root):
+    """train.stage2_mirror and stage2_gamma: rows N + i of the cache are slice i flipped left-right *before*
+    encoding (not the flipped latents: the convolutions are not mirror-symmetric), rows 2N + i slice i with each
+    modality gamma-remapped, each with F_s fused from that view's features on its own subsets; a batch draws
+    every view."""
     from model.msgldm import MSGLDM
 
     torch.manual_seed(1)
-    cfg = micro_config(**{"train.fs_cache_subsets": 2, "train.stage2_mirror": True})
+    cfg = micro_config(**{"train.fs_cache_subsets": 2, "train.stage2_mirror": True, "train.stage2_gamma": 0.4})
     model = MSGLDM(cfg).eval()
     ds = SliceDataset(find_cases(dataset_root), cfg)
     n = len(ds)
     cache = train_mod.Stage2Cache.build(model, ds, train_mod.Run(tmp_path, torch.device("cpu"), 0, 1), seed=0)
-    assert cache.z.shape[0] == 2 * n and cache.f_s.shape[0] == 2 * n and cache.slices == n
+    assert cache.z.shape[0] == 3 * n and cache.f_s.shape[0] == 3 * n and cache.slices == n and cache.views == 3
+    g = cache.gammas
+    assert g.shape == (n, 4) and (g >= 1 / 1.4 - 1e-6).all() and (g <= 1.4 + 1e-6).all() and g.std() > 0.05
     i = n // 2
     with torch.no_grad():
-        mirrored = ds.x[i : i + 1].flip(-1).float()
-        z = model.encode_latents(mirrored)
-        assert torch.allclose(cache.z[n + i], z[0] * cfg.diffusion.latent_scale, atol=1e-4)
+        for view, images in ((1, ds.x[i : i + 1].flip(-1).float()),
+                             (2, train_mod.apply_gamma(ds.x[i : i + 1].float(), g[i : i + 1]))):
+            row = view * n + i
+            assert torch.allclose(cache.z[row], model.encode_latents(images)[0], atol=1e-4)
+            f_s = model.structure.encode_structure(images, cache.subsets[row, 0][None])["f_s"]
+            assert torch.allclose(cache.f_s[row, 0].float(), f_s[0], atol=2e-2)
         assert not torch.allclose(cache.z[n + i], cache.z[i].flip(-1), atol=1e-2)
-        sub = cache.subsets[n + i, 0][None]
-        f_s = model.structure.encode_structure(mirrored, sub)["f_s"]
-        assert torch.allclose(cache.f_s[n + i, 0].float(), f_s[0], atol=2e-2)
+    x = ds.x[i : i + 1].float()
+    remapped = train_mod.apply_gamma(x, torch.full((1, 4), 2.0))
+    assert torch.equal(remapped[x == -1], x[x == -1]) and remapped.mean() < x.mean()  # background kept, level moved
     gen = torch.Generator().manual_seed(0)
-    z0, _, _ = cache.batch(torch.zeros(64, dtype=torch.long), gen, ModalityMasker(gen), ds.present[:64])
-    drawn = {int(torch.isclose(row, cache.z[n]).all()) for row in z0}
-    assert drawn == {0, 1}  # slice 0 and its mirror both appear
+    z0, _, _ = cache.batch(torch.zeros(96, dtype=torch.long), gen, ModalityMasker(gen), ds.present[:96])
+    drawn = {v for v in range(3) for row in z0 if torch.equal(row, cache.z[v * n])}
+    assert drawn == {0, 1, 2}  # slice 0, its mirror and its gamma view all appear
     with pytest.raises(ConfigError, match="stage2_mirror"):
         micro_config(**{"train.stage2_mirror": True, "train.fs_cache_subsets": 0})
+    with pytest.raises(ConfigError, match="stage2_gamma"):
+        micro_config(**{"train.stage2_gamma": -0.1, "train.fs_cache_subsets": 2})
