@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -522,18 +522,23 @@ class Stage2Cache:
         model.autoencoder.eval()
         model.structure.eval()
         scale = model.cfg.diffusion.latent_scale
-        views = [ds.x] + ([ds.x.flip(-1)] if mirror else [])  # rows v N + i: view v of slice i
         gammas = None
         if gamma:
             g = torch.Generator().manual_seed(seed + 11)
             bound = math.log1p(gamma)
             gammas = torch.exp((torch.rand(ds.x.shape[:2], generator=g) * 2 - 1) * bound)  # (N, M), log-uniform
-            views.append(apply_gamma(ds.x, gammas))
+        # rows v N + i: view v of slice i, made chunk by chunk (no copy of the whole slice stack per view)
+        views: list[Callable[[slice], torch.Tensor]] = [lambda r: ds.x[r]]
+        if mirror:
+            views.append(lambda r: ds.x[r].flip(-1))
+        if gammas is not None:
+            views.append(lambda r: apply_gamma(ds.x[r], gammas[r]))
         present = torch.cat([ds.present] * len(views))
+        chunks = [slice(start, min(start + chunk, len(ds))) for start in range(0, len(ds), chunk)]
         raw = []
-        for images in views:
-            for start in range(0, len(ds), chunk):
-                x = images[start : start + chunk].float().to(run.device)
+        for view in views:
+            for r in chunks:
+                x = view(r).float().to(run.device)
                 with run.autocast(bf16):
                     raw.append((model.encode_latents(x).float() / scale).cpu())
         z = torch.cat(raw)
@@ -546,12 +551,12 @@ class Stage2Cache:
         f_s = subsets = None
         if k:
             masker = ModalityMasker(torch.Generator().manual_seed(seed + 7))
-            subsets = torch.stack([masker(present) for _ in range(k)], 1)  # (N or 2N, K, M)
+            subsets = torch.stack([masker(present) for _ in range(k)], 1)  # (views x N, K, M)
             parts = []
-            for v, images in enumerate(views):
-                for start in range(0, len(ds), chunk):
-                    x = images[start : start + chunk].float().to(run.device)
-                    rows = slice(v * len(ds) + start, v * len(ds) + start + len(x))
+            for v, view in enumerate(views):
+                for r in chunks:
+                    x = view(r).float().to(run.device)
+                    rows = slice(v * len(ds) + r.start, v * len(ds) + r.stop)
                     sub = subsets[rows].to(run.device)
                     with run.autocast(bf16):
                         feats = model.structure.modality_features(x, present[rows].to(run.device))
