@@ -218,6 +218,10 @@ class DiffusionConfig:
     replace_known: bool = False  # inpainting-style: known modalities' latents replaced by their noised truth
     condition_known: bool = False  # the UNet also sees the known modalities' clean latents + which they are (paper:
     # F_s only)
+    # beyond the paper: + image_weight * (L1 + 1 - SSIM) of the frozen decoder's image of the predicted z0 against the
+    # true image, on one missing modality per sample, over an image_crop-squared latent window (paper: 0, latent MSE)
+    image_weight: float = 0.0
+    image_crop: int = 12
 
     def __post_init__(self) -> None:
         _check(
@@ -235,6 +239,7 @@ class DiffusionConfig:
             f"prediction must be epsilon|sample|v, got {self.prediction!r}",
         )
         _check(self.latent_scale > 0 and self.missing_weight > 0, "latent_scale and missing_weight must be positive")
+        _check(self.image_weight >= 0 and self.image_crop >= 1, "image_weight must be >= 0 and image_crop >= 1")
 
 
 @dataclass(frozen=True)
@@ -323,6 +328,10 @@ class MSGLDMConfig:
         _check(
             latent % 2 ** (len(self.unet.channel_mult) - 1) == 0,
             f"latent size {latent} not divisible by the UNet's {2 ** (len(self.unet.channel_mult) - 1)}",
+        )
+        _check(
+            not self.diffusion.image_weight or not (self.train.stage2_mirror or self.train.stage2_gamma),
+            "diffusion.image_weight compares with the batch's own images: not with train.stage2_mirror/stage2_gamma",
         )
 
     # ------------------------------------------------------------------ (de)serialisation

@@ -14,7 +14,7 @@ from torch import nn
 
 from model.autoencoder import Autoencoder
 from model.config import MSGLDMConfig
-from model.losses import diffusion_loss
+from model.losses import diffusion_loss, ssim
 from model.scheduler import DDIMScheduler
 from model.structure import StructureModel
 from model.unet import UNet
@@ -96,6 +96,8 @@ class MSGLDM(nn.Module):
         z0: torch.Tensor | None = None,
         f_s: torch.Tensor | None = None,
         unet: nn.Module | None = None,
+        present: torch.Tensor | None = None,
+        parts: dict[str, float] | None = None,
     ) -> torch.Tensor:
         """Paper Eq. 1 with the frozen stages 0-1 (the one stage-2 loss: the trainer calls it too):
 
@@ -103,8 +105,11 @@ class MSGLDM(nn.Module):
            passed in precomputed: the trainer's caches; then ``x`` may be None);
         2. ``t ~ U{0..T-1}``, ``eps ~ N(0, I)``, ``z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps``;
         3. ``|| target - net([z_t, f_s], t) ||^2`` with target ``eps`` (paper), ``z0`` or ``v`` (``prediction``),
-           the missing modalities' latent channels weighted by ``missing_weight`` (paper: 1, a plain mean).
-        ``unet`` replaces ``self.unet`` (a DDP-wrapped copy, or the EMA shadow in validation).
+           the missing modalities' latent channels weighted by ``missing_weight`` (paper: 1, a plain mean);
+        4. beyond the paper, with ``diffusion.image_weight`` > 0 (needs ``x``): plus that weight x :meth:`image_loss`
+           of the predicted z0 (the decoder is frozen; its gradient reaches the UNet through the latent).
+        ``unet`` replaces ``self.unet`` (a DDP-wrapped copy, or the EMA shadow in validation); ``present (B, M)``
+        says which modalities ``x`` holds (default all); ``parts`` receives the terms (``latent``, ``image``).
         """
         with torch.no_grad():
             z0 = self.encode_latents(x) if z0 is None else z0
@@ -118,7 +123,37 @@ class MSGLDM(nn.Module):
             weight = 1.0 + (self.cfg.diffusion.missing_weight - 1.0) * missing
         net = self.unet if unet is None else unet
         cond = self.unet_condition(f_s.to(z0), z0, available)
-        return diffusion_loss(net(z_t, t, cond), self.scheduler.target(z0, eps, t), weight)
+        out = net(z_t, t, cond)
+        loss = diffusion_loss(out, self.scheduler.target(z0, eps, t), weight)
+        if parts is not None:
+            parts["latent"] = loss.item()
+        if self.cfg.diffusion.image_weight > 0 and x is not None:
+            present = torch.ones_like(available) if present is None else present.to(available.device)
+            img = self.image_loss(self.scheduler.to_z0(out, t, z_t), x, present & ~available, generator)
+            if img is not None:
+                loss = loss + self.cfg.diffusion.image_weight * img
+                if parts is not None:
+                    parts["image"] = img.item()
+        return loss
+
+    def image_loss(
+        self, z0_hat: torch.Tensor, x: torch.Tensor, missing: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor | None:
+        """``L1 + 1 - SSIM`` (data range 2) between the decoded predicted latent and the true image, for one random
+        missing modality per sample over one random ``diffusion.image_crop``-squared latent window (the matching
+        ``f``-times larger image window). None when no sample misses a present modality."""
+        rows = missing.any(1).nonzero().squeeze(1).cpu()
+        if rows.numel() == 0:
+            return None
+        pick = torch.multinomial(missing[rows].float().cpu(), 1, generator=generator).squeeze(1)
+        k, h = self.z_per_modality, z0_hat.shape[-1]
+        c = min(self.cfg.diffusion.image_crop, h)
+        i, j = (int(v) for v in torch.randint(0, h - c + 1, (2,), generator=generator))
+        z = torch.stack([z0_hat[r, m * k : (m + 1) * k, i : i + c, j : j + c] for r, m in zip(rows, pick, strict=True)])
+        f = x.shape[-1] // h
+        truth = x[rows.to(x.device), pick.to(x.device), i * f : (i + c) * f, j * f : (j + c) * f][:, None]
+        rec = self.autoencoder.decode(z / self.cfg.diffusion.latent_scale).float()
+        return (rec - truth).abs().mean() + (1 - ssim(rec, truth.float(), 2.0)).mean()
 
     def denoise(
         self,

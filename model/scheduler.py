@@ -55,6 +55,16 @@ class DDIMScheduler:
         a = self._abar(t, z0)
         return a.sqrt() * eps - (1.0 - a).sqrt() * z0
 
+    def to_z0(self, model_out: torch.Tensor, t: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+        """The UNet's output at per-sample timesteps ``t (B,)`` as a clean-latent estimate: itself (``sample``);
+        ``(z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (``epsilon``); ``sqrt(abar_t) z_t - sqrt(1 - abar_t) v``."""
+        if self.cfg.prediction == "sample":
+            return model_out
+        a = self._abar(t, z_t)
+        if self.cfg.prediction == "v":
+            return a.sqrt() * z_t - (1.0 - a).sqrt() * model_out
+        return (z_t - (1.0 - a).sqrt() * model_out) / a.sqrt()
+
     def to_eps(self, model_out: torch.Tensor, t: int, z_t: torch.Tensor) -> torch.Tensor:
         """The UNet's output as a noise estimate: itself (``epsilon``); for ``sample`` (z0) prediction
         ``eps = (z_t - sqrt(abar_t) z0_hat) / sqrt(1 - abar_t)``; for ``v``, ``eps = sqrt(abar_t) v + sqrt(1 - abar_t)

@@ -415,10 +415,11 @@ def train_stage(
                 loss, logs = _structure_loss(model, wrapped, b, masker)
             else:
                 z0, f_s, available = cache.batch(b["index"].cpu(), gen, masker, present)
-                loss = model.diffusion_training_loss(
-                    x, available, gen, z0=z0.to(device), f_s=None if f_s is None else f_s.to(device), unet=wrapped
-                )
                 logs = {}
+                loss = model.diffusion_training_loss(
+                    x, available, gen, z0=z0.to(device), f_s=None if f_s is None else f_s.to(device), unet=wrapped,
+                    present=present, parts=logs,
+                )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = (
@@ -648,9 +649,12 @@ def validate(stage: int, model: MSGLDM, ds: SliceDataset, run: Run, ema: EMA | N
             else:
                 available = masker(present)
                 unet = ema.shadow if ema is not None else model.unet
+                parts: dict[str, float] = {}
                 metrics.setdefault("diffusion_loss", []).append(
-                    model.diffusion_training_loss(x, available, gen, unet=unet).item()
+                    model.diffusion_training_loss(x, available, gen, unet=unet, present=present, parts=parts).item()
                 )
+                for name, value in parts.items() if "image" in parts else ():
+                    metrics.setdefault(f"{name}_loss", []).append(value)
     return {k: round(sum(v) / len(v), 6) for k, v in metrics.items()}
 
 

@@ -168,3 +168,66 @@ def test_tiny_model_overfits_a_batch_of_real_slices():
         opt.step()
         losses.append(loss.item())
     assert min(losses[-5:]) < losses[0] / 5, (losses[0], losses[-5:])
+
+
+def _image_model(**overrides: object) -> MSGLDM:
+    torch.manual_seed(0)
+    cfg = micro_config(**{"autoencoder.kind": "kl", "diffusion.prediction": "sample", **overrides})
+    return MSGLDM(cfg).eval()
+
+
+def test_image_loss_scores_the_decoded_missing_modality_and_nothing_else():
+    model = _image_model(**{"diffusion.image_crop": 4})  # the whole 4x4 latent: the decoded window is the slice
+    z = torch.randn(2, 16, 4, 4)
+    with torch.no_grad():
+        x = model.autoencoder.decode(z.reshape(8, 4, 4, 4) / model.cfg.diffusion.latent_scale).reshape(2, 4, 32, 32)
+    missing = torch.tensor([[False, False, True, False], [False, False, False, False]])
+    gen = torch.Generator().manual_seed(0)
+    assert model.image_loss(z, x, missing, gen).item() == pytest.approx(0.0, abs=1e-5)
+    other = x.clone()
+    other[0, 1] = -other[0, 1]  # an available modality's image: not scored
+    assert model.image_loss(z, other, missing, gen).item() == pytest.approx(0.0, abs=1e-5)
+    wrong = x.clone()
+    wrong[0, 2] = x[0, 3]  # the missing modality's image is another modality's: scored
+    assert model.image_loss(z, wrong, missing, gen).item() > 0.05
+    assert model.image_loss(z, x, torch.zeros(2, 4, dtype=torch.bool), gen) is None
+
+
+def test_image_loss_window_is_the_latent_window_times_the_downsampling():
+    model = _image_model(**{"diffusion.image_crop": 2})
+    z = torch.randn(1, 16, 4, 4)
+    with torch.no_grad():
+        full = model.autoencoder.decode(z.reshape(4, 4, 4, 4) / model.cfg.diffusion.latent_scale).reshape(1, 4, 32, 32)
+    missing = torch.tensor([[True, False, False, False]])
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(seed)
+        _ = torch.multinomial(missing.float(), 1, generator=gen)
+        i, j = (int(v) for v in torch.randint(0, 3, (2,), generator=gen))
+        # the truth is the window decoded on its own: equal where the windows line up, not when shifted by f
+        window = model.autoencoder.decode(z[:, 0:4, i : i + 2, j : j + 2] / model.cfg.diffusion.latent_scale)
+        x = full.clone()
+        x[0, 0, i * 8 : i * 8 + 16, j * 8 : j * 8 + 16] = window[0, 0].detach()
+        shifted = torch.roll(x, (8, 8), (-2, -1))
+        got = model.image_loss(z, x, missing, torch.Generator().manual_seed(seed)).item()
+        assert got == pytest.approx(0.0, abs=1e-5)
+        assert model.image_loss(z, shifted, missing, torch.Generator().manual_seed(seed)).item() > 0.01
+
+
+def test_image_weight_adds_the_weighted_image_term_and_trains_only_the_unet():
+    x = torch.rand(2, 4, 32, 32) * 2 - 1
+    avail = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    plain = _image_model()
+    with torch.no_grad():
+        z0 = plain.encode_latents(x)
+    weighted = _image_model(**{"diffusion.image_weight": 0.5})
+    weighted.load_state_dict(plain.state_dict())
+    weighted.autoencoder.requires_grad_(False)  # as stage 2 freezes stages 0-1: the gradient passes through it
+    base = plain.diffusion_training_loss(x, avail, torch.Generator().manual_seed(0), z0=z0)
+    parts: dict[str, float] = {}
+    got = weighted.diffusion_training_loss(x, avail, torch.Generator().manual_seed(0), z0=z0, parts=parts)
+    assert parts["latent"] == pytest.approx(base.item(), rel=1e-6)
+    assert parts["image"] > 0.05
+    assert got.item() == pytest.approx(base.item() + 0.5 * parts["image"], rel=1e-5)
+    got.backward()
+    assert all(p.grad is None for p in weighted.autoencoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in weighted.unet.parameters())

@@ -85,3 +85,13 @@ def test_v_prediction_round_trips_to_the_noise_and_is_the_training_target():
     assert torch.allclose(s.to_eps(v, 600, z_t), eps, atol=1e-5)
     assert torch.equal(DDIMScheduler(DiffusionConfig(prediction="sample")).target(z0, eps, t), z0)
     assert torch.equal(DDIMScheduler(DiffusionConfig()).target(z0, eps, t), eps)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v"])
+def test_every_prediction_target_converts_back_to_the_clean_latent(prediction):
+    s = DDIMScheduler(DiffusionConfig(prediction=prediction))
+    gen = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(3, 4, 6, 6, generator=gen), torch.randn(3, 4, 6, 6, generator=gen)
+    t = torch.tensor([1, 500, 990])
+    z_t = s.add_noise(z0, eps, t)
+    assert torch.allclose(s.to_z0(s.target(z0, eps, t), t, z_t), z0, atol=1e-3)
