@@ -109,7 +109,8 @@ class MSGLDM(nn.Module):
         4. beyond the paper, with ``diffusion.image_weight`` > 0 (needs ``x``): plus that weight x :meth:`image_loss`
            of the predicted z0 (the decoder is frozen; its gradient reaches the UNet through the latent).
         ``unet`` replaces ``self.unet`` (a DDP-wrapped copy, or the EMA shadow in validation); ``present (B, M)``
-        says which modalities ``x`` holds (default all); ``parts`` receives the terms (``latent``, ``image``).
+        says which modalities ``x`` holds (default all); ``parts`` receives the two terms (``latent``, ``image``) when
+        the image term is on.
         """
         with torch.no_grad():
             z0 = self.encode_latents(x) if z0 is None else z0
@@ -125,15 +126,13 @@ class MSGLDM(nn.Module):
         cond = self.unet_condition(f_s.to(z0), z0, available)
         out = net(z_t, t, cond)
         loss = diffusion_loss(out, self.scheduler.target(z0, eps, t), weight)
-        if parts is not None:
-            parts["latent"] = loss.item()
         if self.cfg.diffusion.image_weight > 0 and x is not None:
             present = torch.ones_like(available) if present is None else present.to(available.device)
             img = self.image_loss(self.scheduler.to_z0(out, t, z_t), x, present & ~available, generator)
             if img is not None:
-                loss = loss + self.cfg.diffusion.image_weight * img
                 if parts is not None:
-                    parts["image"] = img.item()
+                    parts.update(latent=loss.item(), image=img.item())
+                loss = loss + self.cfg.diffusion.image_weight * img
         return loss
 
     def image_loss(

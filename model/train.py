@@ -653,7 +653,7 @@ def validate(stage: int, model: MSGLDM, ds: SliceDataset, run: Run, ema: EMA | N
                 metrics.setdefault("diffusion_loss", []).append(
                     model.diffusion_training_loss(x, available, gen, unet=unet, present=present, parts=parts).item()
                 )
-                for name, value in parts.items() if "image" in parts else ():
+                for name, value in parts.items():  # with diffusion.image_weight: the latent and image terms
                     metrics.setdefault(f"{name}_loss", []).append(value)
     return {k: round(sum(v) / len(v), 6) for k, v in metrics.items()}
 

@@ -222,7 +222,9 @@ def test_image_weight_adds_the_weighted_image_term_and_trains_only_the_unet():
     weighted = _image_model(**{"diffusion.image_weight": 0.5})
     weighted.load_state_dict(plain.state_dict())
     weighted.autoencoder.requires_grad_(False)  # as stage 2 freezes stages 0-1: the gradient passes through it
-    base = plain.diffusion_training_loss(x, avail, torch.Generator().manual_seed(0), z0=z0)
+    no_parts: dict[str, float] = {}
+    base = plain.diffusion_training_loss(x, avail, torch.Generator().manual_seed(0), z0=z0, parts=no_parts)
+    assert no_parts == {}  # the paper's loss: one term
     parts: dict[str, float] = {}
     got = weighted.diffusion_training_loss(x, avail, torch.Generator().manual_seed(0), z0=z0, parts=parts)
     assert parts["latent"] == pytest.approx(base.item(), rel=1e-6)
