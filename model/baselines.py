@@ -31,6 +31,7 @@ from torch import nn
 from model.data import Case, load_case
 from model.io.volume import Volume
 from model.metrics import normalize_in_mask
+from model.slices import view_back, view_forward
 from model.structure import MMSF, SegmentationDecoder, StructureEncoder
 
 log = logging.getLogger(__name__)
@@ -356,11 +357,14 @@ def step_flops(cfg: RegressionUNetConfig, size: int | None = None) -> float:
 
 @dataclass
 class RegressionUNetBaseline:
-    """A trained regression U-Net with its config; ``synthesize`` runs it through the model's preprocessing."""
+    """A trained regression U-Net with its config; ``synthesize`` runs it through the model's preprocessing,
+    averaging its prediction over ``views`` (``model.slices.test_time_views``: set by the evaluation to MSG-LDM's, so
+    both learned models are scored with the same test-time views; default the slices alone)."""
 
     cfg: RegressionUNetConfig
     net: object
     record: dict = field(default_factory=dict)
+    views: tuple[tuple[bool, int], ...] = ((False, 0),)
 
     kind = "regression-unet"
 
@@ -437,7 +441,10 @@ class RegressionUNetBaseline:
         prep = prepare_study(study, list(mods), pcfg)
         x = np.asarray(prep.x, dtype=np.float32)
         available = [m in study for m in mods]
-        pred = self.predict_slices(x, available)
+        pred = np.zeros_like(x)
+        for view in self.views:
+            seen = view_forward(torch.from_numpy(x), view).numpy()
+            pred += view_back(torch.from_numpy(self.predict_slices(seen, available)), view).numpy() / len(self.views)
         out = {}
         for t in targets:
             vol = restore_volume(pred[:, mods.index(t)], prep)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.config import load_preset, read_config
+from model.config import MSGLDMConfig, load_preset, read_config
 from model.errors import CheckpointError
 from model.msgldm import MSGLDM
 
@@ -130,9 +130,34 @@ def init_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> Path:
     return save_checkpoint(model, out_dir, metrics={"trained": False, "note": "random weights", "seed": seed})
 
 
-if __name__ == "__main__":  # python -m model.checkpoint export SRC DEST
+SAMPLER_FIELDS = ("diffusion.default_steps", "diffusion.eta", "diffusion.replace_known", "diffusion.test_time_views")
+
+
+def set_sampler(path: str | Path, overrides: dict[str, object]) -> str:
+    """Change a trained checkpoint's inference-only settings (:data:`SAMPLER_FIELDS`: the weights do not depend on
+    them) in its stored config.json, keeping every other byte's meaning; returns the new version."""
+    path = Path(path)
+    bad = sorted(set(overrides) - set(SAMPLER_FIELDS))
+    if bad:
+        raise CheckpointError(f"{bad} are not sampler settings ({', '.join(SAMPLER_FIELDS)}): they need training")
+    stored = json.loads((path / "config.json").read_text())
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        stored[section][name] = value
+    text = json.dumps(stored, indent=2, sort_keys=True) + "\n"
+    MSGLDMConfig.from_dict(stored)  # validates before anything is written
+    (path / "config.json").write_text(text)
+    return checkpoint_version(path)
+
+
+if __name__ == "__main__":  # python -m model.checkpoint export SRC DEST | set DIR field=value ...
     import sys
 
-    if len(sys.argv) != 4 or sys.argv[1] != "export":
-        raise SystemExit("usage: python -m model.checkpoint export SRC DEST")
-    print(export_for_serving(sys.argv[2], sys.argv[3]))
+    import yaml
+
+    if len(sys.argv) == 4 and sys.argv[1] == "export":
+        print(export_for_serving(sys.argv[2], sys.argv[3]))
+    elif len(sys.argv) >= 4 and sys.argv[1] == "set":
+        print(set_sampler(sys.argv[2], {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in sys.argv[3:])}))
+    else:
+        raise SystemExit("usage: python -m model.checkpoint export SRC DEST | set DIR diffusion.FIELD=VALUE ...")

@@ -222,6 +222,9 @@ class DiffusionConfig:
     # true image, on one missing modality per sample, over an image_crop-squared latent window (paper: 0, latent MSE)
     image_weight: float = 0.0
     image_crop: int = 12
+    # beyond the paper: inference averages 1 (paper), 2 (+ mirrored left-right) or 4 (+ both shifted by half a
+    # latent cell) views of every slice, each mapped back (model.pipeline.test_time_views)
+    test_time_views: int = 1
 
     def __post_init__(self) -> None:
         _check(
@@ -239,6 +242,7 @@ class DiffusionConfig:
             f"prediction must be epsilon|sample|v, got {self.prediction!r}",
         )
         _check(self.latent_scale > 0 and self.missing_weight > 0, "latent_scale and missing_weight must be positive")
+        _check(self.test_time_views in (1, 2, 4), f"test_time_views must be 1, 2 or 4, got {self.test_time_views}")
         _check(self.image_weight >= 0 and self.image_crop >= 1, "image_weight must be >= 0 and image_crop >= 1")
 
 

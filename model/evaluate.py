@@ -338,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-cases", nargs="*", help="case ids the baselines train on (default: the train split, "
                    "or every case not evaluated)")
     p.add_argument("--baseline-steps", type=int, default=500, help="regression U-Net training steps")
+    p.add_argument("--baseline-views", type=int, default=None, choices=(1, 2, 4),
+                   help="test-time views of the regression U-Net (default: the checkpoint's "
+                   "diffusion.test_time_views, so both learned models are scored alike)")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--no-dice", action="store_true", help="skip the structure-model segmentation Dice")
     p.add_argument("--title", default=None)
@@ -347,9 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_baselines(args, cfg, train_cases: list[Case]) -> list[Method]:
     """The two baselines from ``--baselines`` (default ``OUT/baselines``), fitted/trained on ``train_cases`` and
     saved there when absent. The U-Net takes the checkpoint's structure-encoder widths and preprocessing."""
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from model.baselines import NearestModalityBaseline, RegressionUNetBaseline, RegressionUNetConfig
+    from model.slices import test_time_views
 
     modalities, preprocess_cfg = list(cfg.modalities), cfg.preprocess
     root = Path(args.baselines) if args.baselines else Path(args.out) / "baselines"
@@ -373,6 +377,8 @@ def _load_baselines(args, cfg, train_cases: list[Case]) -> list[Method]:
                                     steps=args.baseline_steps, seed=args.seed, preprocess=asdict(preprocess_cfg))
         unet = RegressionUNetBaseline.train(train_cases, ucfg)
         unet.save(root / "unet")
+    views = cfg.diffusion.test_time_views if args.baseline_views is None else args.baseline_views
+    unet = replace(unet, views=tuple(test_time_views(views, cfg.autoencoder.downsample_factor // 2)))
     methods.append(baseline_method("unet", unet))
     return methods
 
@@ -466,6 +472,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         "seg_is_prediction": any(c.seg_is_prediction for c in eval_cases if c.seg is not None),
         "seg_predicted_cases": [c.id for c in eval_cases if c.seg is not None and c.seg_is_prediction],
         "steps": args.steps if args.steps is not None else cfg.diffusion.default_steps,
+        "test_time_views": {"msgldm": cfg.diffusion.test_time_views,
+                            "unet": None if args.no_baselines else (cfg.diffusion.test_time_views
+                                                                    if args.baseline_views is None
+                                                                    else args.baseline_views)},
         "seed": args.seed,
         "max_slices": args.max_slices,
         "protocol": {

@@ -7,7 +7,7 @@ condition; ``eps`` noise.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -43,11 +43,16 @@ class MSGLDM(nn.Module):
 
     # ------------------------------------------------------------------ stage 0/1 wrappers
 
-    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (B, M, H, W)`` -> ``z0 (B, 4M, h, w)``: each modality through the shared encoder, scaled."""
+    def encode_latents(self, x: torch.Tensor, only: Sequence[int] | None = None) -> torch.Tensor:
+        """``x (B, M, H, W)`` -> ``z0 (B, 4M, h, w)``: each modality through the shared encoder, scaled; with ``only``
+        just those modality indices are encoded and every other modality's channels are zero (inference needs
+        the available modalities' latents alone)."""
         b, m, h, w = x.shape
-        z, _ = self.autoencoder.encode(x.reshape(b * m, 1, h, w))
-        return z.reshape(b, m * self.z_per_modality, *z.shape[-2:]) * self.cfg.diffusion.latent_scale
+        idx = list(range(m)) if only is None else list(only)
+        z, _ = self.autoencoder.encode(x[:, idx].reshape(b * len(idx), 1, h, w))
+        out = z.new_zeros(b, m, self.z_per_modality, *z.shape[-2:])
+        out[:, idx] = z.reshape(b, len(idx), self.z_per_modality, *z.shape[-2:])
+        return out.flatten(1, 2) * self.cfg.diffusion.latent_scale
 
     def decode_latents(self, z: torch.Tensor, modality_indices: list[int] | None = None) -> torch.Tensor:
         """``z (B, 4M, h, w)`` -> images ``(B, K, H, W)`` in [-1, 1] for the K chosen modalities (default all)."""

@@ -21,6 +21,7 @@ from model.errors import TargetError, UnknownModalityError
 from model.io.volume import Volume
 from model.msgldm import MSGLDM
 from model.preprocess import PreparedStudy, prepare_study, restore_volume
+from model.slices import test_time_views, view_back, view_forward
 
 Progress = Callable[[str, float], None]
 DENOISE_MEMORY_BYTES = 2 << 30  # activation budget of one UNet forward (CPU; on CUDA half the free memory if more)
@@ -174,37 +175,45 @@ class Synthesizer:
         available_row = torch.tensor(prepared.available, dtype=torch.bool)
         n = x.shape[0]
         target_idx = [self.modalities.index(m) for m in target_names]
+        known_idx = [i for i, a in enumerate(prepared.available) if a]
         replace_known = self.config.diffusion.replace_known if replace_known is None else replace_known
         need_known = self.model.needs_known_latents(replace_known)
         cs = self.chunk_size
 
+        # beyond the paper (diffusion.test_time_views > 1): every sample also synthesizes the slices mirrored
+        # left-right and/or shifted by half a latent cell, maps each view back, and averages the views
+        views = test_time_views(self.config.diffusion.test_time_views, self.config.autoencoder.downsample_factor // 2)
         with torch.inference_mode():
-            # 2. encode: F_s once per volume (shared by every step and sample), and the known latents for
+            # 2. encode: F_s once per volume and view (shared by every step and sample), and the known latents for
             # inpainting, chunk by chunk
             t0 = enter("encode")
-            f_s, z_known = [], []
-            with self._autocast("encode"):
-                for s in range(0, n, cs):
-                    xc = self._to_device(x[s : s + cs])
-                    av = available_row.expand(xc.shape[0], -1).to(self.device)
-                    f_s.append(self.model.condition(xc, av).float().contiguous())
-                    if need_known:
-                        z_known.append(self.model.encode_latents(xc).float().contiguous())
-            f_s_all = torch.cat(f_s)
-            z0_known = torch.cat(z_known) if need_known else None
+            conditions = []
+            for view in views:
+                xv = view_forward(x, view)
+                f_s, z_known = [], []
+                with self._autocast("encode"):
+                    for s in range(0, n, cs):
+                        xc = self._to_device(xv[s : s + cs])
+                        av = available_row.expand(xc.shape[0], -1).to(self.device)
+                        f_s.append(self.model.condition(xc, av).float().contiguous())
+                        if need_known:
+                            z_known.append(self.model.encode_latents(xc, known_idx).float().contiguous())
+                conditions.append((torch.cat(f_s), torch.cat(z_known) if need_known else None))
             timings["encode"] = time.perf_counter() - t0
 
-            # 3. denoise, K samples
+            # 3. denoise, K samples (x views)
             t0 = enter("denoise")
             lo, hi = _PHASES["denoise"]
+            runs = [(k, v) for k in range(samples) for v in range(len(views))]
             latents = []
-            for k in range(samples):
+            for r, (k, v) in enumerate(runs):
 
-                def on_step(i: int, total: int, k: int = k) -> None:
+                def on_step(i: int, total: int, r: int = r) -> None:
                     if progress is not None:
-                        progress("denoise", min(hi, lo + (hi - lo) * (k * total + i) / (samples * total)))
+                        progress("denoise", min(hi, lo + (hi - lo) * (r * total + i) / (len(runs) * total)))
 
                 sample_seed = int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0])
+                f_s_all, z0_known = conditions[v]
                 with self._autocast("denoise"):
                     latents.append(
                         self.model.denoise(
@@ -221,14 +230,15 @@ class Synthesizer:
                     )
             timings["denoise"] = time.perf_counter() - t0
 
-            # 4. decode only the targets' latents
+            # 4. decode only the targets' latents (each view mapped back), the views of a sample averaged
             t0 = enter("decode")
             images = np.zeros((samples, len(target_idx), n, *x.shape[-2:]), dtype=np.float32)
             with self._autocast("decode"):
-                for k, z in enumerate(latents):
+                for (k, v), z in zip(runs, latents, strict=True):
                     for s in range(0, n, cs):
                         dec = self.model.decode_latents(self._to_device(z[s : s + cs]), target_idx).float().cpu()
-                        images[k, :, s : s + dec.shape[0]] = dec.permute(1, 0, 2, 3).numpy()
+                        dec = view_back(dec, views[v])
+                        images[k, :, s : s + dec.shape[0]] += dec.permute(1, 0, 2, 3).numpy() / len(views)
             timings["decode"] = time.perf_counter() - t0
 
         # 5. postprocess: mean (and std) over samples, back to the reference grid
@@ -256,6 +266,7 @@ class Synthesizer:
             "samples": samples,
             "eta": self.config.diffusion.eta if eta is None else eta,
             "replace_known": replace_known,
+            "test_time_views": len(views),
             "available": [m for m, a in zip(self.modalities, prepared.available, strict=True) if a],
             "reference": prepared.reference,
             "resampled_to_reference": list(prepared.resampled),

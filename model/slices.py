@@ -1,4 +1,5 @@
-"""Training data: cases -> preprocessed axial slices in memory, and the missing-modality masking sampler.
+"""Training data: cases -> preprocessed axial slices in memory, and the missing-modality masking sampler; the
+views of a slice stack (mirrored, shifted) that stage 2's mirror augmentation and test-time averaging use.
 
 Tensors start here (``model.data`` and ``model.preprocess`` are numpy). Each item is a dict:
 ``x (M, H, W)`` float32 in [-1, 1], ``present (M,)`` bool (modality exists in the case), ``seg (C, H, W)`` float
@@ -96,3 +97,30 @@ class ModalityMasker:
             chosen = idx[torch.randperm(len(idx), generator=self.generator)[:k]]
             out[i, chosen] = True
         return out.to(present.device)
+
+
+# ---------------------------------------------------------------------------------------------- views of a slice stack
+
+
+def test_time_views(n: int, shift: int) -> list[tuple[bool, int]]:
+    """The first ``n`` (1, 2 or 4) test-time views of a slice stack as (mirrored left-right, shift in pixels): the
+    slices, mirrored, shifted by ``shift`` down and right, both. A synthesizer averages its output over the views,
+    each mapped back (``diffusion.test_time_views``; the paper: the slices alone)."""
+    if n not in (1, 2, 4):
+        raise ValueError(f"test-time views must be 1, 2 or 4, got {n}")
+    return [(False, 0), (True, 0), (False, shift), (True, shift)][:n]
+
+
+def view_forward(x: torch.Tensor, view: tuple[bool, int]) -> torch.Tensor:
+    """Slices ``(..., H, W)`` as the view sees them: mirrored left-right (H is the RAS x axis of
+    :func:`model.preprocess.prepare_study`'s slices), then cyclically shifted (the slice border is background)."""
+    mirrored, shift = view
+    x = x.flip(-2) if mirrored else x
+    return torch.roll(x, (shift, shift), (-2, -1)) if shift else x
+
+
+def view_back(x: torch.Tensor, view: tuple[bool, int]) -> torch.Tensor:
+    """The inverse of :func:`view_forward`."""
+    mirrored, shift = view
+    x = torch.roll(x, (-shift, -shift), (-2, -1)) if shift else x
+    return x.flip(-2) if mirrored else x

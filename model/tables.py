@@ -55,7 +55,10 @@ def markdown_report(report: dict) -> str:
     lines += [f"- checkpoint: `{report.get('checkpoint')}` ({report.get('version', '?')})",
               f"- cases: {', '.join(report.get('cases', []))}",
               f"- sampling steps: {report.get('steps')}, seed {report.get('seed')}"
-              + (f", {report['max_slices']} central axial slices per volume" if report.get("max_slices") else ""),
+              + (f", {report['max_slices']} central axial slices per volume" if report.get("max_slices") else "")
+              + (f"; test-time views (model.slices.test_time_views): MSG-LDM {views['msgldm']}"
+                 + (f", U-Net {views['unet']}" if views.get("unet") else "")
+                 if (views := report.get("test_time_views")) else ""),
               f"- command: `{report.get('command', '')}`", ""]
     if report.get("notes"):
         lines += [f"- {n}" for n in report["notes"]] + [""]
@@ -177,10 +180,12 @@ def merge_reports(paths: Sequence[str | Path], out: str | Path, title: str | Non
         "command": " ; ".join(r.get("command", "") for r in reports),
         "cases": [c for r in reports for c in r.get("cases", [])],
         "folds": [{k: r.get(k) for k in ("checkpoint", "version", "command", "cases", "baseline_train_cases",
-                                          "steps", "max_slices", "wall_seconds")} for r in reports],
+                                          "steps", "test_time_views", "max_slices", "wall_seconds")}
+                  for r in reports],
         "seg_is_prediction": any(r.get("seg_is_prediction") for r in reports),
         "seg_predicted_cases": sorted({c for r in reports for c in r.get("seg_predicted_cases", [])}),
         "steps": reports[0].get("steps"),
+        "test_time_views": reports[0].get("test_time_views"),
         "seed": reports[0].get("seed"),
         "max_slices": reports[0].get("max_slices"),
         "protocol": reports[0].get("protocol"),

@@ -43,7 +43,7 @@ from model.losses import (
     style_consistency_loss,
 )
 from model.msgldm import MSGLDM
-from model.slices import ModalityMasker, SliceDataset
+from model.slices import ModalityMasker, SliceDataset, view_forward
 
 log = logging.getLogger("model.train")
 PARTS = ("autoencoder", "structure", "unet")  # the part each stage (0, 1, 2) trains
@@ -531,7 +531,7 @@ class Stage2Cache:
         # rows v N + i: view v of slice i, made chunk by chunk (no copy of the whole slice stack per view)
         views: list[Callable[[slice], torch.Tensor]] = [lambda r: ds.x[r]]
         if mirror:
-            views.append(lambda r: ds.x[r].flip(-1))
+            views.append(lambda r: view_forward(ds.x[r], (True, 0)))  # mirrored left-right
         if gammas is not None:
             views.append(lambda r: apply_gamma(ds.x[r], gammas[r]))
         present = torch.cat([ds.present] * len(views))

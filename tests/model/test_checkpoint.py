@@ -10,7 +10,7 @@ import torch
 
 from model.checkpoint import checkpoint_version, init_checkpoint, load_checkpoint, save_checkpoint
 from model.config import load_preset
-from model.errors import CheckpointError
+from model.errors import CheckpointError, ConfigError
 from model.msgldm import MSGLDM
 
 from .conftest import micro_config
@@ -141,3 +141,25 @@ def test_serving_export_is_compact_and_synthesizes_like_the_original(tmp_path):
     save_file(partial, str(small / "structure.safetensors"))
     with pytest.raises(CheckpointError, match="missing or unexpected"):
         load_checkpoint(small)
+
+
+def test_set_sampler_changes_only_sampler_settings(tmp_path):
+    from model.checkpoint import set_sampler
+
+    torch.manual_seed(0)
+    path = save_checkpoint(MSGLDM(micro_config()), tmp_path / "micro")
+    before, version = json.loads((path / "config.json").read_text()), checkpoint_version(path)
+    new = set_sampler(path, {"diffusion.default_steps": 2, "diffusion.test_time_views": 4})
+    after = json.loads((path / "config.json").read_text())
+    assert new != version and new == checkpoint_version(path)
+    assert after["diffusion"].pop("test_time_views") == 4 and after["diffusion"].pop("default_steps") == 2
+    before["diffusion"].pop("test_time_views")
+    before["diffusion"].pop("default_steps")
+    assert after == before  # nothing else moved
+    cfg = load_checkpoint(path).cfg
+    assert cfg.diffusion.test_time_views == 4 and cfg.diffusion.default_steps == 2
+    with pytest.raises(CheckpointError, match="need training"):
+        set_sampler(path, {"unet.base_channels": 8})
+    with pytest.raises(ConfigError):
+        set_sampler(path, {"diffusion.test_time_views": 3})
+    assert checkpoint_version(path) == new  # refused changes write nothing

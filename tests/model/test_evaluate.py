@@ -171,9 +171,11 @@ def test_cli_on_a_random_tiny_checkpoint(tmp_path):
     out = tmp_path / "eval"
     rc = main(["--checkpoint", str(ckpt), "--data", str(data), "--cases", "BraTS20_Training_002",
                "--out", str(out), "--steps", "2", "--max-slices", "11", "--available", "3", "--max-subsets", "1",
-               "--baseline-steps", "2"])
+               "--baseline-steps", "2", "--baseline-views", "2"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["test_time_views"] == {"msgldm": 1, "unet": 2}  # the U-Net's views given, MSG-LDM's its config's
+    assert "test-time views (model.slices.test_time_views): MSG-LDM 1, U-Net 2" in (out / "report.md").read_text()
     assert report["cases"] == ["BraTS20_Training_002"] and report["baseline_train_cases"] == ["BraTS20_Training_001"]
     assert {r["method"] for r in report["results"]} == {"msgldm", "nearest", "unet"}
     assert all(np.isfinite(r["paper_psnr"]) for r in report["results"])
@@ -193,6 +195,7 @@ def test_cli_on_a_random_tiny_checkpoint(tmp_path):
     assert n == 2 * report["summary"]["nearest"][target]["all"]["paper_psnr"]["n"]
     assert "| all | Regression U-Net |" in (tmp_path / "pooled" / "report.md").read_text()
     assert pooled["autoencoder_ceiling"].keys() == report["autoencoder_ceiling"].keys()
+    assert pooled["test_time_views"] == report["test_time_views"]
 
 
 def test_cases_off_one_grid_are_skipped(tmp_path, caplog):

@@ -20,6 +20,9 @@ def test_latent_round_trip_shapes_and_channel_blocks(micro_cfg):
     assert z.shape == (2, 16, 4, 4)
     single, _ = model.autoencoder.encode(x[:, 2:3])
     assert torch.allclose(z[:, 8:12], single, atol=1e-5)  # modality j owns channels 4j..4j+3
+    only = model.encode_latents(x, [0, 2])  # inference encodes the available modalities alone
+    assert torch.allclose(only[:, 0:4], z[:, 0:4], atol=1e-5) and torch.allclose(only[:, 8:12], z[:, 8:12], atol=1e-5)
+    assert (only[:, 4:8] == 0).all() and (only[:, 12:16] == 0).all()
     assert model.decode_latents(z, [1, 3]).shape == (2, 2, 32, 32)
     assert (
         model.latent_mask(torch.tensor([[True, False, False, True]]))[0, :, 0, 0].tolist()

@@ -222,15 +222,21 @@ SAMPLE = Path(__file__).parents[2] / "samples" / "tcga-du-7294" / "TCGA-DU-7294"
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 support")
 @pytest.mark.parametrize("precision", ["auto", "bf16"])
-def test_bf16_agrees_with_fp32(precision):
-    """The trained tiny default model on real slices: bf16 stages change the output by < -40 dB of its range."""
+def test_bf16_agrees_with_fp32(precision, tmp_path):
+    """The trained default model on real slices: bf16 stages change the output by < -40 dB of its range (one
+    test-time view: the precision is under test, not the views)."""
+    import shutil
+
+    from model.checkpoint import set_sampler
     from model.io.nifti import read_nifti
 
     study = {}
     for m, suffix in (("t1", "t1"), ("t1ce", "t1c"), ("t2", "t2")):
         v = read_nifti(f"{SAMPLE}_{suffix}.nii.gz")
         study[m] = Volume(data=v.data[..., 64:72], affine=v.affine, meta=v.meta)
-    checkpoint = Path(__file__).parents[2] / "model" / "default"
+    checkpoint = tmp_path / "default"
+    shutil.copytree(Path(__file__).parents[2] / "model" / "default", checkpoint)
+    set_sampler(checkpoint, {"diffusion.test_time_views": 1})
     ref = Synthesizer.from_pretrained(checkpoint, device="cpu", precision="fp32")
     low = Synthesizer.from_pretrained(checkpoint, device="cpu", precision=precision)
     a = ref.synthesize(study, ["flair"], steps=5, seed=0)
@@ -252,3 +258,37 @@ def test_stage_precisions():
                                              "decode": torch.bfloat16}
     with pytest.raises(ValueError, match="precision"):
         stage_dtypes("fp16", cpu)
+
+
+def test_view_forward_and_back_are_inverse():
+    from model.slices import test_time_views, view_back, view_forward
+
+    x = torch.randn(2, 3, 16, 16)
+    views = test_time_views(4, 4)
+    assert views[0] == (False, 0) and len(set(views)) == 4  # the slices themselves first, four different views
+    for view in views:
+        assert torch.equal(view_back(view_forward(x, view), view), x)
+        assert view == (False, 0) or not torch.equal(view_forward(x, view), x)
+    assert torch.equal(view_forward(x, (True, 0)), x.flip(-2))  # H is left-right (RAS x)
+    assert test_time_views(1, 4) == [(False, 0)]  # the paper: the slices alone
+    with pytest.raises(ValueError):
+        test_time_views(3, 4)
+
+
+@pytest.mark.parametrize("axis", [0])  # RAS x: the slices' H, left-right
+def test_mirror_views_make_the_synthesis_mirror_equivariant(tmp_path, study, axis):
+    """diffusion.test_time_views = 2 averages the slices and their mirror (mapped back): the synthesis of a mirrored
+    study is then the mirrored synthesis, which the micro model alone is not (a view not mapped back breaks it)."""
+    def run(views: int, mirrored: bool) -> np.ndarray:
+        torch.manual_seed(0)
+        model = MSGLDM(micro_config(**{"diffusion.test_time_views": views}))
+        with torch.no_grad():
+            torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
+        synth = Synthesizer.from_pretrained(save_checkpoint(model, tmp_path / f"v{views}"), device="cpu")
+        given = {m: Volume(np.flip(v.data, axis).copy() if mirrored else v.data, v.affine, v.meta)
+                 for m, v in study.items()}
+        out = synth.synthesize(given, ["flair"], steps=2, seed=0).volumes["flair"].data
+        return np.flip(out, axis) if mirrored else out
+
+    assert np.allclose(run(2, False), run(2, True), atol=1e-5)
+    assert not np.allclose(run(1, False), run(1, True), atol=1e-3)

@@ -319,13 +319,13 @@ def test_stage_two_augmented_views_are_encoded_from_the_changed_images(tmp_path,
     assert g.shape == (n, 4) and (g >= 1 / 1.4 - 1e-6).all() and (g <= 1.4 + 1e-6).all() and g.std() > 0.05
     i = n // 2
     with torch.no_grad():
-        for view, images in ((1, ds.x[i : i + 1].flip(-1).float()),
+        for view, images in ((1, ds.x[i : i + 1].flip(-2).float()),
                              (2, train_mod.apply_gamma(ds.x[i : i + 1].float(), g[i : i + 1]))):
             row = view * n + i
             assert torch.allclose(cache.z[row], model.encode_latents(images)[0], atol=1e-4)
             f_s = model.structure.encode_structure(images, cache.subsets[row, 0][None])["f_s"]
             assert torch.allclose(cache.f_s[row, 0].float(), f_s[0], atol=2e-2)
-        assert not torch.allclose(cache.z[n + i], cache.z[i].flip(-1), atol=1e-2)
+        assert not torch.allclose(cache.z[n + i], cache.z[i].flip(-2), atol=1e-2)
     x = ds.x[i : i + 1].float()
     remapped = train_mod.apply_gamma(x, torch.full((1, 4), 2.0))
     assert torch.equal(remapped[x == -1], x[x == -1]) and remapped.mean() < x.mean()  # background kept, level moved

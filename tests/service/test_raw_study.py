@@ -39,11 +39,20 @@ def philips_zip() -> bytes:
 
 @pytest.fixture(scope="module")
 def raw_service(tmp_path_factory, s3_server):
-    """The service on the real stack serving the shipped default model, one thread for torch and ITK."""
+    """The service on the real stack serving the shipped default model's weights, one thread for torch and ITK.
+    With one test-time view (its config says 4): the chain is under test, like the requests' 2 steps; the views'
+    quality is docs/quality.md's, their time docs/benchmarks.md's."""
+    import shutil
+
+    from model.checkpoint import set_sampler
+
+    served = tmp_path_factory.mktemp("model") / "default"
+    shutil.copytree(ROOT / "model" / "default", served)
+    set_sampler(served, {"diffusion.test_time_views": 1})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.setenv("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
-        stack = real_stack(ROOT / "model" / "default", s3_server)
+        stack = real_stack(served, s3_server)
         try:
             with running_service(stack, tmp_path_factory.mktemp("raw")) as svc:
                 yield svc
