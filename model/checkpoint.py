@@ -130,20 +130,22 @@ def init_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> Path:
     return save_checkpoint(model, out_dir, metrics={"trained": False, "note": "random weights", "seed": seed})
 
 
-SAMPLER_FIELDS = ("diffusion.default_steps", "diffusion.eta", "diffusion.replace_known", "diffusion.test_time_views")
+SAMPLER_FIELDS = ("diffusion.default_steps", "diffusion.eta", "diffusion.replace_known", "diffusion.test_time_views",
+                  "chunk_size_cpu", "chunk_size_cuda")
 
 
 def set_sampler(path: str | Path, overrides: dict[str, object]) -> str:
-    """Change a trained checkpoint's inference-only settings (:data:`SAMPLER_FIELDS`: the weights do not depend on
-    them) in its stored config.json, keeping every other byte's meaning; returns the new version."""
+    """Change a trained checkpoint's inference-only settings (:data:`SAMPLER_FIELDS`: the sampler and the slices per
+    forward; the weights do not depend on them) in its stored config.json, keeping every other byte's meaning;
+    returns the new version."""
     path = Path(path)
     bad = sorted(set(overrides) - set(SAMPLER_FIELDS))
     if bad:
         raise CheckpointError(f"{bad} are not sampler settings ({', '.join(SAMPLER_FIELDS)}): they need training")
     stored = json.loads((path / "config.json").read_text())
     for key, value in overrides.items():
-        section, name = key.split(".")
-        stored[section][name] = value
+        *section, name = key.split(".")
+        (stored[section[0]] if section else stored)[name] = value
     text = json.dumps(stored, indent=2, sort_keys=True) + "\n"
     MSGLDMConfig.from_dict(stored)  # validates before anything is written
     (path / "config.json").write_text(text)

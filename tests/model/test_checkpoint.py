@@ -101,7 +101,7 @@ DEFAULT = Path(__file__).parents[2] / "model" / "default"
 def test_the_shipped_default_model_loads_fits_the_size_budget_and_records_its_split_and_gates():
     model = load_checkpoint(DEFAULT)
     assert model.cfg.modalities == ("t1", "t2", "t1ce", "flair") and model.cfg.name == "cpu"
-    assert checkpoint_version(DEFAULT) == "msgldm-cpu-9102320a9271"  # as README, docs/quality.md and TRAINING.md say
+    assert checkpoint_version(DEFAULT) == "msgldm-cpu-03be484829bd"  # as README, docs/quality.md and TRAINING.md say
     metrics = json.loads((DEFAULT / "metrics.json").read_text())
     assert metrics["trained"] is True and sorted(metrics["gates"]) == ["stage0", "stage1", "stage2"]
     split = metrics["split"]  # the held-out test cases were never trained on
@@ -163,3 +163,5 @@ def test_set_sampler_changes_only_sampler_settings(tmp_path):
     with pytest.raises(ConfigError):
         set_sampler(path, {"diffusion.test_time_views": 3})
     assert checkpoint_version(path) == new  # refused changes write nothing
+    top = set_sampler(path, {"chunk_size_cpu": 3})  # slices per forward: top-level, inference only
+    assert load_checkpoint(path).cfg.chunk_size_cpu == 3 and top != new
