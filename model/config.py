@@ -223,7 +223,7 @@ class DiffusionConfig:
     image_weight: float = 0.0
     image_crop: int = 12
     # beyond the paper: inference averages 1 (paper), 2 (+ mirrored left-right) or 4 (+ both shifted by half a
-    # latent cell) views of every slice, each mapped back (model.pipeline.test_time_views)
+    # latent cell) views of every slice, each mapped back (model.slices.test_time_views)
     test_time_views: int = 1
 
     def __post_init__(self) -> None:
