@@ -164,7 +164,7 @@ def stage2(
         for subset in [[o] for o in others] + [others]:
             avail = torch.zeros(len(x), m, dtype=torch.bool)
             avail[:, subset] = True
-            pred = model.sample(x, avail, steps, seed=0)[:, j]
+            pred = model.sample(x, avail, steps, seed=0, targets=[j])[:, 0]
             psnrs["+".join(model.modalities[s] for s in subset)] = round(_psnr(pred, x[:, j], mask), 3)
         spreads.append(max(psnrs.values()) - min(psnrs.values()))
         detail[name] = {"z0_error_t_max": round(err, 5), "mean_latent_error": round(base, 5), "psnr_by_inputs": psnrs}
@@ -201,7 +201,8 @@ def sampler_table(
             available = torch.ones(len(x), m, dtype=torch.bool)
             available[:, j] = False
             pred = sum(
-                model.sample(x, available, steps, seed=k, eta=eta, replace_known=replace_known)[:, j].float()
+                model.sample(x, available, steps, seed=k, eta=eta, replace_known=replace_known, targets=[j])[:, 0]
+                .float()
                 for k in range(samples)
             )
             pred = pred / samples

@@ -222,13 +222,17 @@ class MSGLDM(nn.Module):
         seed: int = 0,
         eta: float | None = None,
         replace_known: bool | None = None,
+        targets: list[int] | None = None,
     ) -> torch.Tensor:
-        """All M modalities ``(B, M, H, W)`` in [-1, 1] from the available ones (small batches; see pipeline)."""
+        """The modalities ``targets`` (default all M) as ``(B, len(targets), H, W)`` in [-1, 1] from the available
+        ones (small batches; see pipeline). Only the modalities available in some row are encoded, only the
+        targets decoded: the other latents are masked out or unused."""
         steps = steps or self.cfg.diffusion.default_steps
         replace_known = self.cfg.diffusion.replace_known if replace_known is None else replace_known
         f_s = self.condition(x, available)
         need_known = self.needs_known_latents(replace_known)
-        z0_known = self.encode_latents(x) if need_known else None
+        present = [i for i in range(x.shape[1]) if bool(available[:, i].any())]
+        z0_known = self.encode_latents(x, only=present) if need_known else None
         z = self.denoise(
             f_s,
             steps,
@@ -239,4 +243,4 @@ class MSGLDM(nn.Module):
             known=available if need_known else None,
             replace_known=replace_known,
         )
-        return self.decode_latents(z)
+        return self.decode_latents(z, targets)
