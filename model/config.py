@@ -264,6 +264,8 @@ class TrainConfig:
     fs_cache_subsets: int = 0  # stage 2: F_s precomputed for this many random input subsets per slice (0: on the fly)
     stage2_mirror: bool = False  # stage 2 also trains on every slice mirrored left-right (its own latents and F_s in
     # the cache; each step picks a slice or its mirror at random): twice the subjects' anatomy (docs/model.md)
+    stage2_shift: bool = False  # stage 2 also trains on every slice shifted by half a latent cell down and right
+    # (new latents of the same anatomy: the encoder's grid falls elsewhere; the test-time views' shift, docs/model.md)
     stage2_gamma: float = 0.0  # > 0: stage 2 also trains on every slice with each modality's intensities remapped by
     # a random gamma in [1/(1+g), 1+g] (per slice and modality; on [0, 1]: background and maximum kept, the level
     # moved), so the output's level cannot be read off the inputs' exact intensities (docs/model.md)
@@ -292,8 +294,9 @@ class TrainConfig:
                f"got {self.lr_schedule!r}")
         _check(self.stage0_train in ("all", "decoder"), f"train.stage0_train must be all|decoder, "
                f"got {self.stage0_train!r}")
-        _check(not (self.stage2_mirror or self.stage2_gamma) or self.fs_cache_subsets > 0,
-               "train.stage2_mirror and stage2_gamma need train.fs_cache_subsets > 0 (their F_s come from the cache)")
+        _check(not (self.stage2_mirror or self.stage2_shift or self.stage2_gamma) or self.fs_cache_subsets > 0,
+               "train.stage2_mirror, stage2_shift and stage2_gamma need train.fs_cache_subsets > 0 (their F_s come "
+               "from the cache)")
         _check(0 <= self.stage2_gamma < 4, f"train.stage2_gamma must be in [0, 4), got {self.stage2_gamma}")
 
 
@@ -332,10 +335,6 @@ class MSGLDMConfig:
         _check(
             latent % 2 ** (len(self.unet.channel_mult) - 1) == 0,
             f"latent size {latent} not divisible by the UNet's {2 ** (len(self.unet.channel_mult) - 1)}",
-        )
-        _check(
-            not self.diffusion.image_weight or not (self.train.stage2_mirror or self.train.stage2_gamma),
-            "diffusion.image_weight compares with the batch's own images: not with train.stage2_mirror/stage2_gamma",
         )
 
     # ------------------------------------------------------------------ (de)serialisation

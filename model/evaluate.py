@@ -347,9 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_baselines(args, cfg, train_cases: list[Case]) -> list[Method]:
+def _load_baselines(args, cfg, train_cases: list[Case], unet_views: int) -> list[Method]:
     """The two baselines from ``--baselines`` (default ``OUT/baselines``), fitted/trained on ``train_cases`` and
-    saved there when absent. The U-Net takes the checkpoint's structure-encoder widths and preprocessing."""
+    saved there when absent. The U-Net takes the checkpoint's structure-encoder widths and preprocessing, and is
+    scored with ``unet_views`` test-time views."""
     from dataclasses import asdict, replace
 
     from model.baselines import NearestModalityBaseline, RegressionUNetBaseline, RegressionUNetConfig
@@ -377,8 +378,7 @@ def _load_baselines(args, cfg, train_cases: list[Case]) -> list[Method]:
                                     steps=args.baseline_steps, seed=args.seed, preprocess=asdict(preprocess_cfg))
         unet = RegressionUNetBaseline.train(train_cases, ucfg)
         unet.save(root / "unet")
-    views = cfg.diffusion.test_time_views if args.baseline_views is None else args.baseline_views
-    unet = replace(unet, views=tuple(test_time_views(views, cfg.autoencoder.downsample_factor // 2)))
+    unet = replace(unet, views=tuple(test_time_views(unet_views, cfg.autoencoder.downsample_factor // 2)))
     methods.append(baseline_method("unet", unet))
     return methods
 
@@ -445,8 +445,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
 
     synth = Synthesizer.from_pretrained(ckpt)
     methods = [synthesizer_method(synth)]
+    unet_views = cfg.diffusion.test_time_views if args.baseline_views is None else args.baseline_views
     if not args.no_baselines:
-        methods += _load_baselines(args, cfg, [c for c in train_pool if all(m in c.images for m in modalities)])
+        methods += _load_baselines(args, cfg, [c for c in train_pool if all(m in c.images for m in modalities)],
+                                   unet_views)
     segmenter = None
     if not args.no_dice and cfg.structure.segmentation and any(c.seg is not None for c in eval_cases):
         segmenter = synth
@@ -473,9 +475,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         "seg_predicted_cases": [c.id for c in eval_cases if c.seg is not None and c.seg_is_prediction],
         "steps": args.steps if args.steps is not None else cfg.diffusion.default_steps,
         "test_time_views": {"msgldm": cfg.diffusion.test_time_views,
-                            "unet": None if args.no_baselines else (cfg.diffusion.test_time_views
-                                                                    if args.baseline_views is None
-                                                                    else args.baseline_views)},
+                            "unet": None if args.no_baselines else unet_views},
         "seed": args.seed,
         "max_slices": args.max_slices,
         "protocol": {

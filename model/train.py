@@ -414,7 +414,9 @@ def train_stage(
             elif stage == 1:
                 loss, logs = _structure_loss(model, wrapped, b, masker)
             else:
-                z0, f_s, available = cache.batch(b["index"].cpu(), gen, masker, present)
+                z0, f_s, available, rows = cache.batch(b["index"].cpu(), gen, masker, present)
+                if cfg.diffusion.image_weight:  # the image term compares with the images of the drawn views
+                    x = cache.images(x, rows)
                 logs = {}
                 loss = model.diffusion_training_loss(
                     x, available, gen, z0=z0.to(device), f_s=None if f_s is None else f_s.to(device), unet=wrapped,
@@ -476,6 +478,28 @@ def apply_gamma(x: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
     return (u ** gammas[:, :, None, None].float() * 2 - 1).to(x.dtype)
 
 
+def view_kinds(cfg: MSGLDMConfig) -> list[str]:
+    """The stage-2 cache's views of every training slice, in row order: the slices, then ``mirror``
+    (``train.stage2_mirror``), ``shift`` (``stage2_shift``), ``gamma`` (``stage2_gamma``)."""
+    t = cfg.train
+    return ["slices"] + [k for k, on in (("mirror", t.stage2_mirror), ("shift", t.stage2_shift),
+                                          ("gamma", t.stage2_gamma > 0)) if on]
+
+
+def augment_view(x: torch.Tensor, kind: str, cfg: MSGLDMConfig, gammas: torch.Tensor | None = None) -> torch.Tensor:
+    """Slices ``x (B, M, H, W)`` as the cache view ``kind`` sees them: mirrored left-right, shifted by half a latent
+    cell down and right (:func:`model.slices.view_forward`), or gamma-remapped by ``gammas (B, M)``."""
+    if kind == "mirror":
+        return view_forward(x, (True, 0))
+    if kind == "shift":
+        return view_forward(x, (False, cfg.autoencoder.downsample_factor // 2))
+    if kind == "gamma":
+        if gammas is None:
+            raise ValueError("the gamma view needs the slices' gammas")
+        return apply_gamma(x, gammas.to(x.device))
+    return x
+
+
 class Stage2Cache:
     """What does not change between stage-2 steps, computed once with the frozen stages 0-1.
 
@@ -485,15 +509,31 @@ class Stage2Cache:
     (``subsets (N, K, M)``), drawn by the training masker; each step then picks one of them per sample. The
     per-modality encoder features do not depend on the subset, so they are computed once per slice. Augmented
     *views* add ``N`` rows each, encoded and fused from the changed images (with their own subsets): with
-    ``train.stage2_mirror`` slice ``i`` mirrored left-right, with ``train.stage2_gamma`` each modality of slice
-    ``i`` remapped by its own random gamma (``gammas (N, M)``); rows ``v N + i`` are view ``v`` of slice ``i``
-    (original, mirror, gamma, in that order) and :meth:`batch` picks a view at random per sample.
+    ``train.stage2_mirror`` slice ``i`` mirrored left-right, with ``train.stage2_shift`` shifted by half a latent
+    cell, with ``train.stage2_gamma`` each modality of slice ``i`` remapped by its own random gamma
+    (``gammas (N, M)``); rows ``v N + i`` are view ``v`` of slice ``i`` (:func:`view_kinds`' order) and
+    :meth:`batch` picks a view at random per sample; :meth:`images` shows a batch's images as its rows' views do
+    (the image term of ``diffusion.image_weight`` compares with those).
     """
 
     def __init__(self, z: torch.Tensor, f_s: torch.Tensor | None, subsets: torch.Tensor | None, model: MSGLDM,
-                 views: int = 1, gammas: torch.Tensor | None = None):
+                 gammas: torch.Tensor | None = None):
         self.z, self.f_s, self.subsets, self.model = z, f_s, subsets, model
-        self.views, self.gammas = views, gammas
+        self.kinds, self.gammas = view_kinds(model.cfg), gammas
+        self.views = len(self.kinds)
+
+    def images(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The batch's images ``x (B, M, H, W)`` (its slices' own) as its cache ``rows`` (from :meth:`batch`) see
+        them."""
+        if self.views == 1:
+            return x
+        out, kind_of = x.clone(), (rows // self.slices).to(x.device)
+        for v, kind in enumerate(self.kinds[1:], start=1):
+            sel = (kind_of == v).nonzero().squeeze(1)
+            if sel.numel():
+                g = None if self.gammas is None else self.gammas[rows[sel.cpu()] % self.slices]
+                out[sel] = augment_view(x[sel], kind, self.model.cfg, g).to(x.dtype)
+        return out
 
     @classmethod
     @torch.no_grad()
@@ -505,6 +545,8 @@ class Stage2Cache:
         key = {"slices": len(ds), "origin": ds.origin[:3] + ds.origin[-3:], "subsets": model.cfg.train.fs_cache_subsets}
         if mirror:
             key["mirror"] = True
+        if model.cfg.train.stage2_shift:
+            key["shift"] = True
         if gamma:
             key["gamma"] = gamma
         if path.is_file():
@@ -516,8 +558,7 @@ class Stage2Cache:
                 if measured and saved["latent_scale"] != model.cfg.diffusion.latent_scale:
                     _set_latent_scale(model, run, float(saved["latent_scale"]))
                 log.info("stage-2 cache read from %s (latent scale %.6f)", path, model.cfg.diffusion.latent_scale)
-                return cls(saved["z"], saved.get("f_s"), saved.get("subsets"), model, saved.get("views", 1),
-                           saved.get("gammas"))
+                return cls(saved["z"], saved.get("f_s"), saved.get("subsets"), model, saved.get("gammas"))
         t0 = time.time()
         bf16 = model.cfg.train.cpu_bf16
         model.autoencoder.eval()
@@ -529,11 +570,9 @@ class Stage2Cache:
             bound = math.log1p(gamma)
             gammas = torch.exp((torch.rand(ds.x.shape[:2], generator=g) * 2 - 1) * bound)  # (N, M), log-uniform
         # rows v N + i: view v of slice i, made chunk by chunk (no copy of the whole slice stack per view)
-        views: list[Callable[[slice], torch.Tensor]] = [lambda r: ds.x[r]]
-        if mirror:
-            views.append(lambda r: view_forward(ds.x[r], (True, 0)))  # mirrored left-right
-        if gammas is not None:
-            views.append(lambda r: apply_gamma(ds.x[r], gammas[r]))
+        views: list[Callable[[slice], torch.Tensor]] = [
+            lambda r, kind=kind: augment_view(ds.x[r], kind, model.cfg, None if gammas is None else gammas[r])
+            for kind in view_kinds(model.cfg)]
         present = torch.cat([ds.present] * len(views))
         chunks = [slice(start, min(start + chunk, len(ds))) for start in range(0, len(ds), chunk)]
         raw = []
@@ -581,7 +620,7 @@ class Stage2Cache:
                 "wall_s": round(time.time() - t0, 1),
             }
         )
-        return cls(z, f_s, subsets, model, len(views), gammas)
+        return cls(z, f_s, subsets, model, gammas)
 
     @property
     def slices(self) -> int:
@@ -590,16 +629,17 @@ class Stage2Cache:
 
     def batch(
         self, index: torch.Tensor, gen: torch.Generator, masker: ModalityMasker, present: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """``(z0, f_s, available)`` for the slices ``index``; ``f_s`` None without an F_s cache (the model
-        computes it from the batch's images then). With augmented views, each sample draws one of its slice's."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``(z0, f_s, available, rows)`` for the slices ``index``; ``f_s`` None without an F_s cache (the model
+        computes it from the batch's images then). With augmented views, each sample draws one of its slice's;
+        ``rows`` are the cache rows drawn (for :meth:`images`)."""
         if self.views > 1:
             index = index + self.slices * torch.randint(0, self.views, (len(index),), generator=gen)
         z0 = self.z[index]
         if self.f_s is None:
-            return z0, None, masker(present)
+            return z0, None, masker(present), index
         pick = torch.randint(0, self.f_s.shape[1], (len(index),), generator=gen)
-        return z0, self.f_s[index, pick].float(), self.subsets[index, pick]
+        return z0, self.f_s[index, pick].float(), self.subsets[index, pick], index
 
 
 @torch.no_grad()

@@ -302,25 +302,31 @@ def test_ddp_on_cpu_with_two_processes(tmp_path, dataset_root):
 
 
 def test_stage_two_augmented_views_are_encoded_from_the_changed_images(tmp_path, dataset_root):
-    """train.stage2_mirror and stage2_gamma: rows N + i of the cache are slice i flipped left-right *before*
-    encoding (not the flipped latents: the convolutions are not mirror-symmetric), rows 2N + i slice i with each
-    modality gamma-remapped, each with F_s fused from that view's features on its own subsets; a batch draws
-    every view."""
+    """train.stage2_mirror, stage2_shift and stage2_gamma: rows N + i of the cache are slice i flipped left-right
+    *before* encoding (not the flipped latents: the convolutions are not mirror-symmetric), rows 2N + i slice i
+    shifted by half a latent cell, rows 3N + i slice i with each modality gamma-remapped, each with F_s fused from
+    that view's features on its own subsets; a batch draws every view, and the image term's images are the drawn
+    views'."""
     from model.msgldm import MSGLDM
 
     torch.manual_seed(1)
-    cfg = micro_config(**{"train.fs_cache_subsets": 2, "train.stage2_mirror": True, "train.stage2_gamma": 0.4})
+    cfg = micro_config(**{"train.fs_cache_subsets": 2, "train.stage2_mirror": True, "train.stage2_shift": True,
+                          "train.stage2_gamma": 0.4, "diffusion.image_weight": 1.0})
     model = MSGLDM(cfg).eval()
     ds = SliceDataset(find_cases(dataset_root), cfg)
     n = len(ds)
     cache = train_mod.Stage2Cache.build(model, ds, train_mod.Run(tmp_path, torch.device("cpu"), 0, 1), seed=0)
-    assert cache.z.shape[0] == 3 * n and cache.f_s.shape[0] == 3 * n and cache.slices == n and cache.views == 3
+    assert cache.kinds == ["slices", "mirror", "shift", "gamma"]
+    assert cache.z.shape[0] == 4 * n and cache.f_s.shape[0] == 4 * n and cache.slices == n and cache.views == 4
     g = cache.gammas
     assert g.shape == (n, 4) and (g >= 1 / 1.4 - 1e-6).all() and (g <= 1.4 + 1e-6).all() and g.std() > 0.05
     i = n // 2
+    half = cfg.autoencoder.downsample_factor // 2
+    views = {1: ds.x[i : i + 1].flip(-2).float(),
+             2: torch.roll(ds.x[i : i + 1].float(), (half, half), (-2, -1)),
+             3: train_mod.apply_gamma(ds.x[i : i + 1].float(), g[i : i + 1])}
     with torch.no_grad():
-        for view, images in ((1, ds.x[i : i + 1].flip(-2).float()),
-                             (2, train_mod.apply_gamma(ds.x[i : i + 1].float(), g[i : i + 1]))):
+        for view, images in views.items():
             row = view * n + i
             assert torch.allclose(cache.z[row], model.encode_latents(images)[0], atol=1e-4)
             f_s = model.structure.encode_structure(images, cache.subsets[row, 0][None])["f_s"]
@@ -330,9 +336,16 @@ def test_stage_two_augmented_views_are_encoded_from_the_changed_images(tmp_path,
     remapped = train_mod.apply_gamma(x, torch.full((1, 4), 2.0))
     assert torch.equal(remapped[x == -1], x[x == -1]) and remapped.mean() < x.mean()  # background kept, level moved
     gen = torch.Generator().manual_seed(0)
-    z0, _, _ = cache.batch(torch.zeros(96, dtype=torch.long), gen, ModalityMasker(gen), ds.present[:96])
-    drawn = {v for v in range(3) for row in z0 if torch.equal(row, cache.z[v * n])}
-    assert drawn == {0, 1, 2}  # slice 0, its mirror and its gamma view all appear
+    z0, _, _, rows = cache.batch(torch.zeros(96, dtype=torch.long), gen, ModalityMasker(gen), ds.present[:96])
+    drawn = {v for v in range(4) for row in z0 if torch.equal(row, cache.z[v * n])}
+    assert drawn == {0, 1, 2, 3}  # slice 0, its mirror, its shift and its gamma view all appear
+    assert torch.equal(z0, cache.z[rows])
+    # the image term compares each sample's predicted latent with the image of the view it drew
+    rows = torch.tensor([i, n + i, 2 * n + i, 3 * n + i])
+    shown = cache.images(ds.x[[i] * 4].float(), rows)
+    assert torch.equal(shown[0], ds.x[i].float())
+    for view, images in views.items():
+        assert torch.allclose(shown[view], images[0])
     with pytest.raises(ConfigError, match="stage2_mirror"):
         micro_config(**{"train.stage2_mirror": True, "train.fs_cache_subsets": 0})
     with pytest.raises(ConfigError, match="stage2_gamma"):
