@@ -541,14 +541,9 @@ class Stage2Cache:
         """Computed, or read back from ``OUT/stage2_cache.pt`` (written on the first build: a resumed or repeated
         stage 2 on the same stages 0-1 and slices skips the encoding)."""
         path = run.out / "stage2_cache.pt"
-        mirror, gamma = model.cfg.train.stage2_mirror, model.cfg.train.stage2_gamma
+        gamma = model.cfg.train.stage2_gamma
         key = {"slices": len(ds), "origin": ds.origin[:3] + ds.origin[-3:], "subsets": model.cfg.train.fs_cache_subsets}
-        if mirror:
-            key["mirror"] = True
-        if model.cfg.train.stage2_shift:
-            key["shift"] = True
-        if gamma:
-            key["gamma"] = gamma
+        key |= {kind: gamma if kind == "gamma" else True for kind in view_kinds(model.cfg)[1:]}
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)  # our own file in the run directory
             measured = model.cfg.diffusion.latent_scale_from_data  # then the saved scale is this data's measurement
